@@ -1,0 +1,65 @@
+"""Summarize a training run's metrics.jsonl: step time, samples/s, peak GPU memory, loss.
+
+    python bench/summarize_metrics.py RUN/metrics.jsonl [--warmup 5] [--json OUT.json]
+
+Step time = differences of elapsed_s between consecutive logged optimizer steps, after the
+first ``--warmup`` steps (step 1 holds the first-call overheads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def summarize(path: Path, warmup: int) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) < warmup + 2:
+        raise SystemExit(f"{path}: {len(rows)} steps logged, need more than warmup+1 = {warmup + 1}")
+    steady = rows[warmup:]
+    deltas = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steady, steady[1:])]
+    span_s = steady[-1]["elapsed_s"] - steady[0]["elapsed_s"]
+    span_samples = steady[-1]["samples_seen"] - steady[0]["samples_seen"]
+    q = statistics.quantiles(deltas, n=10) if len(deltas) >= 2 else [deltas[0]] * 9
+    median = statistics.median(deltas)
+    samples_per_step = span_samples / len(deltas)
+    return {
+        "steps": rows[-1]["step"],
+        "warmup_steps_excluded": warmup,
+        "step_time_median_s": round(median, 4),
+        "step_time_p10_s": round(q[0], 4),
+        "step_time_p90_s": round(q[-1], 4),
+        "step_time_mean_s": round(span_s / len(deltas), 4),
+        "samples_per_step": samples_per_step,
+        "samples_per_s_median_step": round(samples_per_step / median, 3),
+        "samples_per_s_over_span": round(span_samples / span_s, 3),
+        "first_step_s": rows[0]["elapsed_s"],
+        "total_loop_s": rows[-1]["elapsed_s"],
+        "peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
+        "loss_first": round(rows[0]["loss"], 4),
+        "loss_last": round(rows[-1]["loss"], 4),
+        "loss_mean_first5": round(statistics.mean(r["loss"] for r in rows[:5]), 4),
+        "loss_mean_last5": round(statistics.mean(r["loss"] for r in rows[-5:]), 4),
+        "token_accuracy_last": round(rows[-1].get("token_accuracy", float("nan")), 4),
+        "lr_last": rows[-1]["lr"],
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", type=Path)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    summary = summarize(args.metrics, args.warmup)
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

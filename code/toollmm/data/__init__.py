@@ -1,0 +1,51 @@
+"""Data: published formats → records → train/test splits → examples and batches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from toollmm.config import DataConfig, resolve_path
+from toollmm.data.split import Query, group_queries, split_by_query
+from toollmm.data.toolmmbench import DataReport, Record, read_toolmmbench, tool_catalogue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    train: list[Record]
+    test: list[Record]
+    catalogue: list[str]
+    report: DataReport = field(default_factory=DataReport)
+
+    def test_queries(self) -> list[Query]:
+        return group_queries(self.test)
+
+    def train_queries(self, limit: int) -> list[Query]:
+        """An evenly spaced, deterministic sample of training queries, scored like the test split."""
+        queries = group_queries(self.train)
+        step = max(1, len(queries) // limit) if limit else 1
+        return queries[::step][:limit] if limit else []
+
+
+def load_splits(config: DataConfig) -> Splits:
+    report = DataReport()
+    catalogue_records: list[Record] = []
+
+    def read(entries) -> list[Record]:
+        records = []
+        for entry in entries:
+            path, media_root = resolve_path(entry.path), resolve_path(entry.media_root)
+            rows, file_report = read_toolmmbench(path, media_root, config.missing_media)
+            log.info("%s:\n%s", path, file_report.summary())
+            report.merge(file_report)
+            records += rows
+            # The catalogue is every tool named by a well-formed row, media present or not.
+            catalogue_records.extend(read_toolmmbench(path, media_root, "text_only")[0])
+        return records
+
+    train, test = read(config.train_files), read(config.eval_files)
+    if config.split.test_fraction > 0:
+        train, test = split_by_query(train + test, config.split.test_fraction, config.split.seed)
+    return Splits(train=train, test=test, catalogue=tool_catalogue(catalogue_records), report=report)

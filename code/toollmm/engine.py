@@ -1,0 +1,111 @@
+"""DeepSpeed set-up, per-step metrics, and the resumable training state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from toollmm.config import ConfigError, RunConfig, load_deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """One process per device, launched by torchrun/deepspeed (or a single plain process)."""
+    import deepspeed
+
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> dict:
+    """The stage's DeepSpeed JSON with the run's batch sizes, precision and schedule filled in."""
+    ds = load_deepspeed_config(config)
+    t = config.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    dtype = config.model.dtype
+    ds["bf16"] = {"enabled": dtype == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
+    if t.learning_rate is not None:
+        ds["optimizer"]["params"]["lr"] = t.learning_rate
+    scheduler = ds.get("scheduler")
+    if scheduler and scheduler["type"] == "WarmupDecayLR":
+        params = scheduler["params"]
+        params["total_num_steps"] = max(1, total_steps)
+        params["warmup_num_steps"] = max(1, math.ceil(config.train.warmup_rate * total_steps))
+        params["warmup_max_lr"] = ds["optimizer"]["params"]["lr"]
+    return ds
+
+
+def planned_steps(num_examples: int, config: RunConfig, world_size: int) -> int:
+    t = config.train
+    micro_batches_per_rank = math.ceil(num_examples / world_size / t.micro_batch_size)
+    steps = t.epochs * (micro_batches_per_rank // t.gradient_accumulation_steps)
+    if steps == 0:
+        raise ConfigError(
+            f"{num_examples} training examples make no full optimizer step with micro_batch_size "
+            f"{t.micro_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} × world size "
+            f"{world_size}; lower train.gradient_accumulation_steps or train.micro_batch_size."
+        )
+    return min(steps, t.max_steps) if t.max_steps else steps
+
+
+class MetricLogger:
+    """One record per optimizer step, from rank 0: tqdm, TensorBoard and metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.file = open(out_dir / "metrics.jsonl", "a")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+RESUME_DIR = "resume"
+
+
+def latest_resume_tag(out_dir: Path) -> str | None:
+    latest = out_dir / RESUME_DIR / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,119 @@
+"""The published MLLM-Tool prompt and answer format, and label masking.
+
+One example is a list of *segments*. Each text segment is tokenized on its own, exactly
+as the original did with the slow LLaMA tokenizer (one ``tokenizer(text,
+add_special_tokens=False)`` call per segment, so every segment gets sentencepiece's
+dummy-prefix space). A media segment is a single *slot* position whose embedding is the
+projected encoder feature.
+
+With media::
+
+    <s> "### Human: <Img>" [slot] "</Img> {query}\\n### Assistant: " "{'api_name': {tool}}\\n###"
+
+Text only::
+
+    <s> "### Human: " "{query}\\n### Assistant: " "{'api_name': {tool}}\\n###"
+
+The loss covers the answer segment only. The answer ends with ``\\n###``: the model learns
+to open the next ``### Human:`` turn, and generation stops on that string (no EOS is
+appended, as in the original).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toollmm.tokenization import PromptTokenizer
+
+IGNORE_INDEX = -100
+# Placeholder id for a media slot in ``input_ids`` (LLaVA's convention): never a real
+# token, replaced by the projected feature before the LLM runs.
+MEDIA_SLOT_ID = -200
+
+HUMAN_WITH_MEDIA = "### Human: <Img>"
+HUMAN_TEXT_ONLY = "### Human: "
+AFTER_MEDIA = "</Img> "
+ASSISTANT = "\n### Assistant: "
+ANSWER_PREFIX = "{'api_name': "
+ANSWER_SUFFIX = "}"
+STOP_STRING = "\n###"
+
+
+def format_answer(tool: str) -> str:
+    """The training target for one tool, including the turn terminator."""
+    return f"{ANSWER_PREFIX}{tool}{ANSWER_SUFFIX}{STOP_STRING}"
+
+
+def prompt_segments(query: str, has_media: bool) -> list[str | None]:
+    """Text segments of the human turn; ``None`` marks the media slot."""
+    if has_media:
+        return [HUMAN_WITH_MEDIA, None, f"{AFTER_MEDIA}{query}{ASSISTANT}"]
+    return [HUMAN_TEXT_ONLY, f"{query}{ASSISTANT}"]
+
+
+# An answer is well-formed when, after stripping surrounding whitespace and cutting at
+# the first stop string, it is exactly ``{'api_name': NAME}`` with a non-empty NAME
+# without braces or newlines. Quotes around NAME are tolerated and removed: some
+# backbones quote it, and the name is the same tool either way.
+_ANSWER_RE = re.compile(r"^\{\s*'api_name'\s*:\s*(?P<name>[^{}\n]+?)\s*\}$")
+
+
+def parse_answer(response: str) -> str | None:
+    """The tool name in a model response, or ``None`` when the format is invalid."""
+    text = response.split(STOP_STRING, 1)[0].strip()
+    match = _ANSWER_RE.match(text)
+    if match is None:
+        return None
+    name = match.group("name").strip().strip("'\"").strip()
+    return name or None
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids with media slots (``MEDIA_SLOT_ID``) and labels (``IGNORE_INDEX`` outside the answer)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def build_example(
+    tokenizer: "PromptTokenizer",
+    query: str,
+    has_media: bool,
+    answer: str | None,
+    max_tgt_len: int,
+) -> TokenizedExample:
+    """Token ids and labels for one example; ``answer=None`` builds a generation prompt.
+
+    ``max_tgt_len`` caps the tokens after the media slot (query + answer), as the
+    original's ``max_tgt_len`` did; the fixed prefix (BOS, ``### Human: <Img>``, slot)
+    is not counted.
+    """
+    segments = prompt_segments(query, has_media)
+    prefix: list[int] = [tokenizer.bos_token_id]
+    body: list[int] = []
+    body_labels: list[int] = []
+    for i, segment in enumerate(segments):
+        if segment is None:
+            prefix.append(MEDIA_SLOT_ID)
+        elif i == 0:
+            prefix += tokenizer.encode(segment)
+        else:
+            ids = tokenizer.encode(segment)
+            body += ids
+            body_labels += [IGNORE_INDEX] * len(ids)
+    if answer is not None:
+        ids = tokenizer.encode(answer)
+        body += ids
+        body_labels += ids
+    truncated = len(body) > max_tgt_len
+    body, body_labels = body[:max_tgt_len], body_labels[:max_tgt_len]
+    return TokenizedExample(
+        input_ids=prefix + body,
+        labels=[IGNORE_INDEX] * len(prefix) + body_labels,
+        truncated=truncated,
+    )

@@ -1,0 +1,170 @@
+"""Build the embedded tiny default: tokenizer, random-init LLaMA and ImageBind, in the real formats.
+
+    toollmm-build-tiny            # or: python -m toollmm.tiny
+
+No network, deterministic (same files byte for byte on every run of the same library
+versions). The outputs sit where real checkpoints go, so every code path is the real one:
+
+    pretrained_checkpoint/LLM_ckpt/tiny_llama/        config.json, model.safetensors, tokenizer.*
+    pretrained_checkpoint/imagebind_ckpt/tiny/imagebind_tiny.pth   (imagebind_huge.pth's key layout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from toollmm import prompts
+from toollmm.config import project_root
+from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, save_imagebind
+from toollmm.tokenization import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+SHARED_DATA = Path("../shared/data")
+LLM_DIR = Path("pretrained_checkpoint/LLM_ckpt/tiny_llama")
+IMAGEBIND_FILE = Path("pretrained_checkpoint/imagebind_ckpt/tiny/imagebind_tiny.pth")
+VOCAB_SIZE = 3000
+SEED = 0
+
+TINY_LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+# What a real LLaMA tokenizer's tokenizer_config.json says; without it transformers adds
+# no BOS and decodes "\n" as a space.
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "model_max_length": 1024,
+    "legacy": True,
+    "clean_up_tokenization_spaces": False,
+    "padding_side": "right",
+}
+
+
+def corpus(data_dir: Path, extra_files: list[Path]) -> list[str]:
+    """Every query, tool name and caption in the bundled data, plus the prompt strings."""
+    texts: list[str] = []
+    files = sorted((data_dir / "toolmmbench").glob("*.json")) + extra_files
+    for path in files:
+        for row in json.loads(path.read_text()):
+            turns = row.get("conversations", [])
+            if len(turns) >= 2:
+                texts.append(turns[0]["value"])
+                value = turns[1]["value"]
+                texts += value if isinstance(value, list) else [value]
+    for path in sorted((data_dir / "t2x_pairs").glob("*/*.json")):
+        for row in json.loads(path.read_text()):
+            if isinstance(row, dict) and "caption" in row:
+                texts.append(row["caption"])
+    # The template strings appear in every example: let BPE learn them as few pieces.
+    template = prompts.HUMAN_WITH_MEDIA + prompts.AFTER_MEDIA + prompts.ASSISTANT + prompts.format_answer("x")
+    texts += [template, prompts.HUMAN_TEXT_ONLY + prompts.ASSISTANT] * 200
+    return texts
+
+
+def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # LLaMA's sentencepiece settings: BPE, byte fallback, digits split, dummy prefix,
+    # no whitespace normalization; ids 0/1/2 = <unk>/<s>/</s>, no pad.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=VOCAB_SIZE,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer.vocab").unlink()
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2)
+    )
+    hf = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = PromptTokenizer(hf, out_dir / "tokenizer.model")
+    return tokenizer
+
+
+def build(root: Path, data_dir: Path, force: bool = False) -> tuple[Path, Path]:
+    llm_dir, imagebind_file = root / LLM_DIR, root / IMAGEBIND_FILE
+    if not force and (llm_dir / "config.json").is_file() and imagebind_file.is_file():
+        log.info("tiny default already at %s and %s", llm_dir, imagebind_file)
+        return llm_dir, imagebind_file
+    sample_rows = root / "data" / "toolmmbench_sample" / "media_requests.json"
+    texts = corpus(data_dir, [sample_rows] if sample_rows.is_file() else [])
+
+    # Build in a temporary folder and move into place: an interrupted build leaves nothing half-written.
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        tokenizer = train_tokenizer(texts, tmp / "tokenizer_src")
+        torch.manual_seed(SEED)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=None,
+            **TINY_LLAMA,
+        )
+        llm = LlamaForCausalLM(config)
+        llm.save_pretrained(tmp / "llm")
+        tokenizer.save_pretrained(tmp / "llm")
+
+        torch.manual_seed(SEED)
+        save_imagebind(ImageBindEncoder(ImageBindConfig.tiny()), tmp / "imagebind.pth")
+
+        if llm_dir.exists():
+            shutil.rmtree(llm_dir)
+        llm_dir.parent.mkdir(parents=True, exist_ok=True)
+        imagebind_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / "llm"), llm_dir)
+        shutil.move(str(tmp / "imagebind.pth"), imagebind_file)
+    log.info("built tiny LLaMA (%d-token vocabulary) at %s and tiny ImageBind at %s", len(tokenizer), llm_dir, imagebind_file)
+    return llm_dir, imagebind_file
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=None, help="project root (default: this checkout)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="bundled sample data (default: ../shared/data)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the files exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    root = (args.root or project_root()).resolve()
+    data_dir = args.data_dir or (root / SHARED_DATA)
+    build(root, data_dir.resolve(), force=args.force)
+
+
+if __name__ == "__main__":
+    main()

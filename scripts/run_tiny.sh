@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The main job on the embedded tiny default, from a fresh clone:
+#   build tiny default (if absent) → stage-3 training → inference on the test split and on
+#   training queries → evaluation next to the most-frequent-tool baseline.
+# RUN_DIR (default ckpt/tiny) is replaced on every run. Extra arguments go to training as
+# key=value overrides (e.g. train.epochs=1).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$root/scripts/setup.sh"
+cd "$root"
+run=${RUN_DIR:-ckpt/tiny}
+start=$SECONDS
+python -m toollmm.tiny
+rm -rf "$run"
+bash scripts/train.sh --stage 3 --config code/config/tiny.yaml train.output_dir="$run" "$@"
+for split in test train; do
+  python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
+done
+for split in train test; do
+  python code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_$split.json" \
+    --output-dir "$run/eval_$split" --title "tiny default, $split queries"
+done
+python - "$run" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+print(f"training: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+      f"token accuracy {rows[0]['token_accuracy']:.3f} -> {rows[-1]['token_accuracy']:.3f}, {rows[-1]['elapsed_s']:.0f} s")
+PY
+echo "main job done in $((SECONDS - start)) s; reports under $run/eval_test and $run/eval_train"

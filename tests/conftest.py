@@ -1,0 +1,47 @@
+"""Shared fixtures: the embedded tiny default (built once, offline) and the bundled data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_LLM = ROOT / "pretrained_checkpoint" / "LLM_ckpt" / "tiny_llama"
+TINY_IMAGEBIND = ROOT / "pretrained_checkpoint" / "imagebind_ckpt" / "tiny" / "imagebind_tiny.pth"
+TINY_CONFIG = ROOT / "code" / "config" / "tiny.yaml"
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run on the GPU device")
+
+
+@pytest.fixture(scope="session")
+def tiny_default() -> tuple[Path, Path]:
+    from toollmm.tiny import build
+
+    return build(ROOT, SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_default):
+    from toollmm.tokenization import load_tokenizer
+
+    return load_tokenizer(TINY_LLM)
+
+
+def run_entry(script: str, *args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run an entry script the way a user does, from another folder, and fail with its output."""
+    command = [sys.executable, str(ROOT / "code" / script), *args]
+    if script == "train.py":
+        command = ["bash", str(ROOT / "scripts" / "train.sh"), *args]
+    result = subprocess.run(
+        command, cwd="/", capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable, "NPROC": "1", **(env or {})},
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

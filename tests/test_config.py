@@ -1,0 +1,71 @@
+"""Config loading: every shipped config validates; errors name the key and the fix before any model is built."""
+
+import pytest
+
+from conftest import ROOT, TINY_CONFIG
+from toollmm.config import CONFIG_DIR, ConfigError, check_batch_arithmetic, check_paths, load_config
+from toollmm.engine import deepspeed_config, planned_steps
+
+
+def test_shipped_configs_load():
+    published = load_config(3)
+    assert (published.model.lora.r, published.model.lora.alpha, published.model.lora.dropout) == (32, 32, 0.1)
+    assert published.model.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert published.data.max_tgt_len == 512 and published.train.epochs == 5
+    tiny = load_config(3, [TINY_CONFIG])
+    assert tiny.model.tuning == "full" and tiny.data.split.test_fraction == 0.15
+    check_paths(tiny)  # the tiny default and bundled data are present
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["base.yaml", "stage_3.yaml", "tiny.yaml"]
+
+
+def test_published_deepspeed_values():
+    config = load_config(3, overrides=["train.train_batch_size=64"])
+    ds = deepspeed_config(config, world_size=4, total_steps=1000)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 2
+    params = ds["optimizer"]["params"]
+    assert (params["lr"], params["betas"], params["weight_decay"]) == (0.0005, [0.9, 0.95], 0.001)
+    scheduler = ds["scheduler"]
+    assert scheduler["type"] == "WarmupDecayLR"
+    assert scheduler["params"]["total_num_steps"] == 1000 and scheduler["params"]["warmup_num_steps"] == 100
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key train\.epoch;.*epochs"):
+        load_config(3, overrides=["train.epoch=2"])
+    with pytest.raises(ConfigError, match=r"unknown config key model\.lora\.rank"):
+        load_config(3, overrides=["model.lora.rank=8"])
+
+
+def test_wrong_types_and_choices():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int"):
+        load_config(3, overrides=["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"model\.tuning: 'qlora' is not one of"):
+        load_config(3, overrides=["model.tuning=qlora"])
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        load_config(3, overrides=["train.epochs"])
+
+
+def test_bad_batch_arithmetic_says_what_to_change():
+    config = load_config(3, overrides=["train.train_batch_size=64"])
+    assert check_batch_arithmetic(config, world_size=4) == 64
+    with pytest.raises(ConfigError, match=r"train_batch_size=64 but .* = 16\. Set train\.train_batch_size=16.*gradient_accumulation_steps to 16"):
+        check_batch_arithmetic(config, world_size=1)
+
+
+def test_missing_checkpoint_paths_are_listed(tmp_path):
+    config = load_config(3, overrides=[f"model.llm_path={tmp_path}/nope", f"model.imagebind_path={tmp_path}/ib.pth"])
+    with pytest.raises(ConfigError) as err:
+        check_paths(config)
+    message = str(err.value)
+    assert "model.llm_path" in message and "no config.json" in message and "pretrained_checkpoint/README.md" in message
+    assert "model.imagebind_path" in message and "data.train_files[0].path" in message
+
+
+def test_too_few_examples_for_one_step():
+    config = load_config(3, [TINY_CONFIG], ["train.micro_batch_size=4", "train.gradient_accumulation_steps=8"])
+    with pytest.raises(ConfigError, match="no full optimizer step"):
+        planned_steps(10, config, world_size=1)
+    assert planned_steps(64, config, world_size=1) == 2 * 3  # 16 micro-batches / 8 per step × 3 epochs
