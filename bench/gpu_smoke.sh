@@ -21,12 +21,13 @@ phase "install wheels"
 export PYTHONPATH=/tmp/site:$PWD/code
 
 phase "machine and versions"
-nvidia-smi
+nvidia-smi || true
 python3 - <<'PY'
 import sys, torch, transformers, peft, deepspeed, sentencepiece, safetensors, decord, soundfile, pydantic
 print("python", sys.version.split()[0])
-print("torch", torch.__version__, "cuda", torch.version.cuda, "| gpu", torch.cuda.get_device_name(0),
-      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| gpu",
+      f"{torch.cuda.get_device_name(0)} {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB"
+      if torch.cuda.is_available() else "none")
 for m in (transformers, peft, deepspeed, sentencepiece, safetensors, decord, soundfile, pydantic):
     print(m.__name__, m.__version__)
 PY
@@ -51,5 +52,5 @@ du -sh "$RUN"/* "$RUN"/resume/* 2>/dev/null || true
 phase "summary"
 cp "$RUN/metrics.jsonl" "$RUN/config.yaml" "$RUN/data_report.json" "$OUT/"
 python3 bench/summarize_metrics.py "$RUN/metrics.jsonl" --warmup 5 --json "$OUT/summary.json"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 phase "end"

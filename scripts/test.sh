@@ -5,4 +5,4 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/setup.sh"
 cd "$root"
 python -m toollmm.tiny
-python -m pytest -q "$@"
+TOOLLMM_REQUIRE_REFERENCE=1 python -m pytest -q "$@"

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> Path:
         sampler=sampler,
         collate_fn=Collator(tokenizer.pad_token_id, next(iter(features.values())).shape[-1] if features else 1024),
         num_workers=config.train.num_workers,
+        # Its own generator: creating a loader iterator would otherwise draw from the global
+        # RNG and shift the dropout stream of a resumed run.
+        generator=torch.Generator().manual_seed(config.train.seed),
     )
     total_steps = planned_steps(len(dataset), config, world_size)
 
@@ -110,13 +113,14 @@ def main(argv: list[str] | None = None) -> Path:
     encoder_dim = 1024 if not features else next(iter(features.values())).shape[-1]
     model = build_model(config.model, encoder_dim)
     ds_config = deepspeed_config(config, world_size, total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
     )
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
     if config.train.resume:
-        _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=resume_tag)
+        _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=resume_tag, load_module_strict=False)
         progress.update(client_state["progress"])
+        restore_rng(out_dir / RESUME_DIR / resume_tag, rank)
         log.info("resumed from %s at step %d (epoch %d)", resume_tag, progress["step"], progress["epoch"])
 
     # ---- loop
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
             out = engine(**batch)
             engine.backward(out["loss"])
             boundary = engine.is_gradient_accumulation_boundary()
+            lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves on in step())
             engine.step()
             window += torch.stack([out["loss"].detach().float(), out["token_accuracy"].float(), torch.ones((), device=device)])
             progress["batches_in_epoch"] = index + 1
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "epoch": epoch,
                 "loss": (window[0] / window[2]).item(),
                 "token_accuracy": (window[1] / window[2]).item(),
-                "lr": scheduler.get_last_lr()[0] if scheduler is not None else engine.get_lr()[0],
+                "lr": lr,
                 "samples_seen": progress["samples_seen"],
                 "elapsed_s": round(clock.elapsed(), 3),
             }
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.copytree(latest, final)
         log.info("training done: %d steps in %.1f s; final checkpoint %s", progress["step"], clock.elapsed(), final)
     dist.barrier()
+    dist.destroy_process_group()
     return final
 
 
@@ -190,7 +196,10 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
     tag = f"step_{progress['step']}"
     if (out_dir / f"checkpoint-{progress['step']}").exists():
         return  # the end of an epoch can coincide with a periodic save
-    engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)})
+    # The frozen base stays out of the resume state: for a 7B model it would add 13+ GB per save.
+    engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)},
+                           exclude_frozen_parameters=True)
+    save_rng(out_dir / RESUME_DIR / tag, dist.get_rank())
     if is_main:
         save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
                         cache.root.name)
@@ -206,6 +215,25 @@ def prune(out_dir: Path, keep_last: int) -> None:
         folders = sorted((p for p in out_dir.glob(pattern) if p.is_dir() and not p.name.endswith(".partial")), key=parse)
         for old in folders[:-keep_last]:
             shutil.rmtree(old)
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    """Each rank's torch RNG (LoRA dropout draws from it), so a resumed run continues the same stream."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, folder / f"rng_rank{rank}.pt")
+
+
+def restore_rng(folder: Path, rank: int) -> None:
+    path = folder / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        log.warning("%s missing: dropout masks after resuming will differ from an uninterrupted run", path)
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
