@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# TOOLLMM_SHARED_DATA: where ../shared/data is, when the checkout travels without it (the GPU device).
+SHARED_DATA = Path(os.environ.get("TOOLLMM_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
 TINY_LLM = ROOT / "pretrained_checkpoint" / "LLM_ckpt" / "tiny_llama"
 TINY_IMAGEBIND = ROOT / "pretrained_checkpoint" / "imagebind_ckpt" / "tiny" / "imagebind_tiny.pth"
 TINY_CONFIG = ROOT / "code" / "config" / "tiny.yaml"

@@ -45,7 +45,7 @@ else:
 from toollmm import media  # noqa: E402
 from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA as DATA  # noqa: E402
 PAIRS = DATA / "t2x_pairs"
 IMAGES = [DATA / "assets" / "bird_image.jpg", *sorted((PAIRS / "cc3m" / "images").glob("*.jpg"))[:3]]
 AUDIOS = [DATA / "assets" / "bird_audio.wav", DATA / "assets" / "test.wav", *sorted((PAIRS / "audiocap" / "audios").glob("*.wav"))]

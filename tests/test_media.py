@@ -15,7 +15,7 @@ from PIL import Image
 from toollmm import media
 from toollmm.media import MediaError, load_audio, load_image, load_video
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA as DATA  # noqa: E402
 PAIRS = DATA / "t2x_pairs"
 
 IMAGES = [DATA / "assets" / "bird_image.jpg", *sorted((PAIRS / "cc3m" / "images").glob("*.jpg"))]

@@ -12,6 +12,7 @@ versions). The outputs sit where real checkpoints go, so every code path is the 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import shutil
@@ -88,9 +89,12 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
     out_dir.mkdir(parents=True, exist_ok=True)
     # LLaMA's sentencepiece settings: BPE, byte fallback, digits split, dummy prefix,
     # no whitespace normalization; ids 0/1/2 = <unk>/<s>/</s>, no pad.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(out_dir / "tokenizer"),
+        # Written to memory: a model_prefix path would be recorded in the file and make
+        # builds in different folders differ.
+        model_writer=model,
         vocab_size=VOCAB_SIZE,
         model_type="bpe",
         byte_fallback=True,
@@ -107,7 +111,7 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
         num_threads=1,
         minloglevel=2,
     )
-    (out_dir / "tokenizer.vocab").unlink()
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2)
