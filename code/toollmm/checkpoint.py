@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from toollmm.config import RunConfig, _build, resolve_path
+from toollmm.config import RunConfig, config_from_dict, resolve_path
 from toollmm.model.toollmm import ToolLMM, build_model, load_trainable_state, trainable_state_dict
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
 
@@ -75,7 +75,7 @@ def read_checkpoint_config(ckpt_dir: Path) -> tuple[RunConfig, dict]:
             f"{ckpt_dir} is not a Tool_LMM checkpoint: missing {', '.join(missing)}. "
             "Pass a folder written by training (ckpt/<run>/checkpoint-<step> or ckpt/<run>/final)."
         )
-    config = _build(RunConfig, yaml.safe_load((ckpt_dir / "config.yaml").read_text()), "")
+    config = config_from_dict(RunConfig, yaml.safe_load((ckpt_dir / "config.yaml").read_text()))
     meta = json.loads((ckpt_dir / META).read_text())
     return config, meta
 

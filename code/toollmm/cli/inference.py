@@ -24,6 +24,7 @@ from toollmm.config import DataFile, resolve_path
 from toollmm.data import load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
+from toollmm.data.toolmmbench import DataReport
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import generate_responses
 from toollmm.model.toollmm import TORCH_DTYPES
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> Path:
         queries = queries[: args.limit]
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
-    from toollmm.data.toolmmbench import DataReport
-
     report = DataReport(rows=len(queries), used=len(queries))
     kept, features = featurize([q.record for q in queries], encoder, cache, report)
     kept_ids = {r.id for r in kept}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import ConfigError, check_batch_arithmetic, check_paths, load_config, resolve_path
 from toollmm.data import load_splits
-from toollmm.data.dataset import Collator, ToolDataset
+from toollmm.data.dataset import Collator, LengthGroupedBatchSampler, ToolDataset
 from toollmm.data.split import training_pairs
 from toollmm.engine import (
     RESUME_DIR,
@@ -88,18 +88,24 @@ def main(argv: list[str] | None = None) -> Path:
     splits = load_splits(config.data)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
     train_records, features = featurize(splits.train, encoder, cache, splits.report)
+    encoder_dim = encoder.out_dim
     del encoder  # frees the encoder's memory before the LLM loads
     dataset = ToolDataset(training_pairs(train_records), tokenizer, features, config.data.max_tgt_len)
     if is_main:
         log.info("data:\n%s", splits.report.summary())
         log.info("%d training examples from %d rows (%d truncated at max_tgt_len)", len(dataset), len(train_records), dataset.truncated)
         (out_dir / "data_report.json").write_text(json.dumps(splits.report.to_dict(), indent=2))
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.train.seed)
+    if config.train.group_by_length:
+        sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
+                                            world_size, rank, config.train.seed)
+        batching = {"batch_sampler": sampler}
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.train.seed)
+        batching = {"batch_size": config.train.micro_batch_size, "sampler": sampler}
     loader = DataLoader(
         dataset,
-        batch_size=config.train.micro_batch_size,
-        sampler=sampler,
-        collate_fn=Collator(tokenizer.pad_token_id, next(iter(features.values())).shape[-1] if features else 1024),
+        **batching,
+        collate_fn=Collator(tokenizer.pad_token_id, encoder_dim),
         num_workers=config.train.num_workers,
         # Its own generator: creating a loader iterator would otherwise draw from the global
         # RNG and shift the dropout stream of a resumed run.
@@ -110,7 +116,6 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- model + engine
     import deepspeed
 
-    encoder_dim = 1024 if not features else next(iter(features.values())).shape[-1]
     model = build_model(config.model, encoder_dim)
     ds_config = deepspeed_config(config, world_size, total_steps)
     engine, _, _, _ = deepspeed.initialize(
