@@ -118,3 +118,18 @@ def test_bad_batch_arithmetic_fails_before_the_model_is_built(tmp_path):
                   "train.train_batch_size=7")
     assert "Set train.train_batch_size=16" in str(err.value)
     assert "Loading weights" not in str(err.value)
+
+
+def test_inference_on_a_published_file_scored_against_it(trained, tmp_path):
+    from conftest import SHARED_DATA
+
+    combined = SHARED_DATA / "toolmmbench" / "combined_data.json"
+    predictions = tmp_path / "predictions.json"
+    run_entry("inference.py", "--ckpt", str(trained / "final"), "--data", str(combined), "--limit", "3",
+              "--output", str(predictions), "--max-new-tokens", "4")
+    assert [r["question_id"] for r in json.loads(predictions.read_text())] == [
+        "combined_data:audio/1", "combined_data:audio/2", "combined_data:audio/3"]
+    run_entry("evaluate.py", "--ckpt", str(trained / "final"), "--predictions", str(predictions),
+              "--references", str(combined), "--allow-missing", "--output-dir", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["overall"]["n"] == 1917 and metrics["missing_predictions"] == 1914

@@ -5,21 +5,7 @@ image row 1, ... are different queries; they are unique only within one modality
 reference is keyed by ``question_key(row)`` = ``"{input_modality}/{id}"``. Predictions
 must carry that key as ``question_id``.
 
-Definitions (the same text as ``DEFINITIONS``, which every report includes):
-
-- A response is *well-formed* when `prompts.parse_answer` returns a name: it is
-  `{'api_name': NAME}` after cutting at the first `\\n###` and stripping whitespace
-  (quotes around NAME are dropped).
-- Names are compared as exact, case-sensitive strings after stripping surrounding
-  whitespace (Hugging Face resolves ids case-insensitively, but we do not guess).
-- *accuracy*: the predicted name is one of the question's acceptable tools.
-- *hallucination rate*: the response is well-formed but its name is not in the tool
-  catalogue. Format errors are wrong and are not hallucinations.
-- *format accuracy*: the response is well-formed.
-- Every rate divides by *n*, the number of reference questions. With
-  `allow_missing=True` a question without a prediction counts as wrong and not
-  well-formed, and is counted as `missing_predictions` (not as a format error);
-  otherwise a missing prediction is an error.
+The metric definitions are in ``DEFINITIONS`` below; every report includes them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 The tool catalogue (union of every tool named by the configured data files) and the
 most-frequent-tool baseline (most frequent training target) come from the checkpoint's
 config. References come from the predictions' ``acceptable`` field, or from a ToolMMBench
-file given with ``--references`` (then ``question_id`` must be ``<modality>/<id>``).
+file given with ``--references`` (``question_id`` as inference.py writes it:
+``<file stem>:<modality>/<id>``).
 Definitions: ``toollmm.evaluate``.
 """
 
@@ -37,6 +38,8 @@ def parse_args(argv):
     parser.add_argument("--predictions", type=Path, required=True, help="JSON list written by inference.py")
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint whose config names the data (catalogue, baseline)")
     parser.add_argument("--references", type=Path, default=None, help="ToolMMBench file with the acceptable tools")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="count references without a prediction as wrong instead of stopping")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--title", default=None)
     return parser.parse_args(argv)
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictions = json.loads(args.predictions.read_text())
     if args.references is not None:
-        references = load_references(json.loads(args.references.read_text()))
+        # inference.py names a question "<file stem>:<modality>/<id>" (ids repeat across files and modalities).
+        references = {f"{args.references.stem}:{key}": ref
+                      for key, ref in load_references(json.loads(args.references.read_text())).items()}
     else:
         missing = [p.get("question_id") for p in predictions if "acceptable" not in p]
         if missing:
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     config, _ = read_checkpoint_config(args.ckpt)
     splits = load_splits(config.data)
     catalogue = set(splits.catalogue) | {t for ref in references.values() for t in ref.acceptable}
-    metrics = evaluate_predictions(predictions, references, catalogue)
+    metrics = evaluate_predictions(predictions, references, catalogue, allow_missing=args.allow_missing)
     tool, baseline = most_frequent_tool_baseline([tool for _, tool in training_pairs(splits.train)], references)
     title = args.title or f"Tool selection: {args.predictions.name}"
     write_reports({**metrics, "catalogue_size": len(catalogue), "baseline_tool": tool}, args.output_dir, title, baseline)
