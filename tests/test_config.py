@@ -65,7 +65,7 @@ def test_missing_checkpoint_paths_are_listed(tmp_path):
 
 
 def test_too_few_examples_for_one_step():
-    config = load_config(3, [TINY_CONFIG], ["train.micro_batch_size=4", "train.gradient_accumulation_steps=8"])
+    config = load_config(3, [TINY_CONFIG], ["train.micro_batch_size=4", "train.gradient_accumulation_steps=8", "train.epochs=3"])
     with pytest.raises(ConfigError, match="no full optimizer step"):
         planned_steps(10, config, world_size=1)
     assert planned_steps(64, config, world_size=1) == 2 * 3  # 16 micro-batches / 8 per step × 3 epochs
