@@ -97,7 +97,7 @@ class MissingMediaError(FileNotFoundError):
     pass
 
 
-def _problem(row, index: int) -> str | None:
+def _problem(row) -> str | None:
     """Why a row cannot be read, or None."""
     if not isinstance(row, dict):
         return f"row is a {type(row).__name__}, not an object"
@@ -139,7 +139,7 @@ def read_toolmmbench(
     records = []
     for index, row in enumerate(rows):
         where = f"{path.name} row {index}" + (f" (id {row.get('id')})" if isinstance(row, dict) else "")
-        problem = _problem(row, index)
+        problem = _problem(row)
         if problem:
             report.skipped["malformed row"] += 1
             report.note("malformed row", f"{where}: {problem}")
