@@ -1,0 +1,223 @@
+"""Import the original MLLM-Tool's published delta checkpoint into a Tool_LMM checkpoint.
+
+The original saves ``pytorch_model_<step>.pt``: a pickled dict of its trainable parameters,
+named as ``named_parameters()`` names them in its model::
+
+    llama_proj.weight, llama_proj.bias                                   (the input projector)
+    llama_model.base_model.model.model.layers.<i>.self_attn.<q|k|v|o>_proj.lora_<A|B>.default.weight
+
+(PEFT LoRA, published with r=32, alpha=32, dropout 0.1 on q/k/v/o). Here the projector is
+``input_projector`` and the PEFT model is ``llm``, so a name maps by its first component
+only. The file is read with ``weights_only=True``: nothing but tensors and plain containers
+is unpickled.
+
+Checks, before the base LLM is loaded (a 7B load costs a minute): every name has a known
+prefix; the LoRA rank, layer count, hidden size and target modules inferred from the
+tensors agree with the config and the base's ``config.json``. After the model is built: the
+mapped names are exactly its trainable set and every shape matches. Each failure names
+the keys and the setting to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from toollmm.checkpoint import save_checkpoint
+from toollmm.config import RunConfig, resolve_path
+from toollmm.features import _file_digest
+from toollmm.model.imagebind import ImageBindConfig
+from toollmm.model.toollmm import build_model, is_trainable, load_trainable_state
+from toollmm.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# The original's module name → ours; the rest of each name is PEFT's and identical.
+PREFIXES = {"llama_proj.": "input_projector.", "llama_model.": "llm."}
+LORA_NAME = re.compile(r"^llama_model\..*\.layers\.(\d+)\.(?:[^.]+\.)*?([^.]+)\.lora_([AB])\.default\.weight$")
+STEP_IN_NAME = re.compile(r"pytorch_model_(\d+)\.pt$")
+
+
+class DeltaError(ValueError):
+    """The delta file does not fit the configured base LLM / LoRA settings (or is not a delta file)."""
+
+
+def _listed(names, limit: int = 6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def read_delta(path: Path) -> dict[str, torch.Tensor]:
+    """The delta's tensors by their original names; refuses anything but a flat {name: tensor} dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"delta file {path} does not exist (the original writes ckpt/<version>/pytorch_model_<step>.pt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message names the refused class among advice to allowlist it; keep the name only.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused is None:
+            raise DeltaError(f"{path} is not a file written by torch.save: {str(err).splitlines()[0]}") from err
+        raise DeltaError(
+            f"{path} is not a plain state dict: it holds non-tensor objects, which are not unpickled here "
+            f"(weights_only=True; found {refused[1]}). Re-save only the tensors, e.g. "
+            "torch.save({k: v for k, v in d.items() if isinstance(v, torch.Tensor)}, path), where you trust the file."
+        ) from err
+    except Exception as err:  # torch.load fails on a foreign file with KeyError, RuntimeError, EOFError...
+        raise DeltaError(f"{path} is not a file written by torch.save ({type(err).__name__}: {err})") from err
+    if not isinstance(obj, dict):
+        raise DeltaError(f"{path} is not a plain state dict: it holds a {type(obj).__name__}, not a dict of name → tensor")
+    others = {str(k): type(v).__name__ for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if others:
+        shown = ", ".join(f"{k} ({t})" for k, t in sorted(others.items())[:6])
+        raise DeltaError(
+            f"{path} is not a plain state dict: entries {shown} are not tensors. The original's delta is a flat "
+            "dict of its trainable parameters; if the weights are nested (e.g. under 'model'), save that dict alone."
+        )
+    return obj
+
+
+def map_names(delta: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Original names → ours; a name with another prefix is an error naming it."""
+    unknown = [name for name in delta if not name.startswith(tuple(PREFIXES))]
+    if unknown:
+        raise DeltaError(
+            f"{source}: extra keys that are not the projector (llama_proj.*) or the LLM (llama_model.*): {_listed(unknown)}. "
+            "This converter reads the MLLM-Tool delta (projector + LoRA); a model variant with more trainable parts "
+            "has no counterpart in Tool_LMM."
+        )
+    mapped = {}
+    for name, tensor in delta.items():
+        prefix = next(p for p in PREFIXES if name.startswith(p))
+        mapped[PREFIXES[prefix] + name[len(prefix):]] = tensor
+    return mapped
+
+
+def original_name(name: str) -> str:
+    ours = next(p for p in PREFIXES.values() if name.startswith(p))
+    return next(o for o, p in PREFIXES.items() if p == ours) + name[len(ours):]
+
+
+def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, source: Path) -> int:
+    """What the tensors say about the model they came from, against the config and the base's
+    config.json. Returns the projector's input size (the encoder dimension)."""
+    model_config = config.model
+    llm_dir = resolve_path(model_config.llm_path)
+    if not (llm_dir / "config.json").is_file():
+        raise DeltaError(f"--llm-path {llm_dir} has no config.json: pass the base LLM folder the delta was trained on")
+    base = json.loads((llm_dir / "config.json").read_text())
+    hidden, layers = base["hidden_size"], base["num_hidden_layers"]
+
+    missing_projector = [n for n in ("llama_proj.weight", "llama_proj.bias") if n not in delta]
+    if missing_projector:
+        raise DeltaError(f"{source}: missing keys {_listed(missing_projector)} (the input projector); is this an MLLM-Tool delta?")
+    projector = delta["llama_proj.weight"]
+    encoder_dim = projector.shape[1]
+    encoder_out = (ImageBindConfig.huge() if model_config.imagebind_size == "huge" else ImageBindConfig.tiny()).out_embed_dim
+    if encoder_dim != encoder_out:
+        raise DeltaError(
+            f"{source}: llama_proj.weight takes {encoder_dim}-dim features but ImageBind-{model_config.imagebind_size} "
+            f"gives {encoder_out}: the delta was trained on another encoder"
+        )
+
+    problems = []
+    if projector.shape[0] != hidden:
+        problems.append(
+            f"llama_proj.weight maps to width {projector.shape[0]} but the base at {llm_dir} has hidden_size {hidden}: "
+            "wrong base LLM (pass the --llm-path the delta was trained on)"
+        )
+    lora = defaultdict(dict)  # (layer, module) → {"A": shape, "B": shape}
+    for name, tensor in delta.items():
+        match = LORA_NAME.match(name)
+        if match:
+            lora[int(match[1]), match[2]][match[3]] = tuple(tensor.shape)
+    if not lora:
+        raise DeltaError(
+            f"{source}: no LoRA weights (llama_model.*.lora_A/B.default.weight); Tool_LMM imports the LoRA delta only"
+        )
+    delta_layers = sorted({layer for layer, _ in lora})
+    if delta_layers[-1] + 1 != layers:
+        problems.append(
+            f"the delta has LoRA on layers {delta_layers[0]}..{delta_layers[-1]} ({delta_layers[-1] + 1} layers) but the base "
+            f"at {llm_dir} has num_hidden_layers={layers}: wrong base LLM (pass the --llm-path the delta was trained on)"
+        )
+    ranks = defaultdict(list)
+    for (layer, module), shapes in lora.items():
+        if "A" in shapes:
+            ranks[shapes["A"][0]].append(f"layer {layer} {module}")
+    if len(ranks) > 1:
+        problems.append("lora_A shapes disagree on the rank: " + "; ".join(f"r={r} on {_listed(w, 3)}" for r, w in sorted(ranks.items())))
+    elif ranks and next(iter(ranks)) != model_config.lora.r:
+        r = next(iter(ranks))
+        problems.append(
+            f"the delta's LoRA rank is {r} (lora_A shapes ({r}, ...)) but model.lora.r={model_config.lora.r}: "
+            f"pass model.lora.r={r} (and model.lora.alpha as it was trained; the published recipe used alpha 32)"
+        )
+    delta_modules = {module for _, module in lora}
+    configured = set(model_config.lora.target_modules)
+    if delta_modules != configured:
+        problems.append(
+            f"the delta has LoRA on {sorted(delta_modules)} but model.lora.target_modules={sorted(configured)}: "
+            f"pass model.lora.target_modules=[{','.join(sorted(delta_modules))}]"
+        )
+    if problems:
+        raise DeltaError(f"{source} does not fit the configured model:\n  " + "\n  ".join(problems))
+    return encoder_dim
+
+
+def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path) -> None:
+    """Exactly the model's trainable names, with its shapes; names are reported as the delta spells them."""
+    expected = {name for name in own if is_trainable(name, "lora")}
+    missing, extra = expected - set(mapped), set(mapped) - expected
+    problems = []
+    if missing:
+        problems.append(f"missing keys (trainable here, absent from the delta): {_listed(original_name(n) for n in missing)}")
+    if extra:
+        problems.append(f"extra keys (in the delta, not trainable here): {_listed(original_name(n) for n in extra)}")
+    wrong = [f"{original_name(n)} {tuple(t.shape)} vs {tuple(own[n].shape)}" for n, t in sorted(mapped.items())
+             if n in expected and own[n].shape != t.shape]
+    if wrong:
+        problems.append(f"shapes differ (delta vs model): {_listed(wrong, 4)}")
+    if problems:
+        raise DeltaError(f"{source} does not match the LoRA model built from the config:\n  " + "\n  ".join(problems))
+
+
+def encoder_identity(path: Path, size: str) -> str:
+    # Same key as FrozenEncoder.identity, without loading the weights; a missing file is recorded as such.
+    if not path.is_file():
+        return f"imagebind-{size}-unverified ({path} absent at import)"
+    return f"imagebind-{size}-{path.stat().st_size}-{_file_digest(path, limit=64 << 20)[:16]}"
+
+
+def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
+    """Read, check, load onto the base LLM and save one Tool_LMM checkpoint at ``out_dir``."""
+    delta_path = Path(delta_path)
+    if config.model.tuning != "lora":
+        raise DeltaError(f"model.tuning={config.model.tuning}: the MLLM-Tool delta is a LoRA delta; drop the model.tuning override")
+    delta = read_delta(delta_path)
+    mapped = map_names(delta, delta_path)
+    encoder_dim = check_delta_structure(delta, config, delta_path)
+
+    # Build in the delta's precision so the saved weights are exactly the delta's; the
+    # checkpoint's config.model.dtype decides the precision at load time.
+    dtypes = {t.dtype for t in mapped.values()}
+    dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
+    log.info("loading the base LLM from %s (%s)", resolve_path(config.model.llm_path), dtype)
+    model = build_model(config.model, encoder_dim, dtype=dtype)
+    check_against_model(mapped, model.state_dict(), delta_path)
+    load_trainable_state(model, mapped, "lora", delta_path)
+
+    step = STEP_IN_NAME.search(delta_path.name)
+    progress = {"step": int(step[1]) if step else None, "imported_from": str(delta_path.resolve())}
+    tokenizer = load_tokenizer(resolve_path(config.model.llm_path))
+    identity = encoder_identity(resolve_path(config.model.imagebind_path), config.model.imagebind_size)
+    save_checkpoint(Path(out_dir), model.eval(), config, tokenizer, progress, identity)
+    log.info("imported %d tensors from %s into %s", len(mapped), delta_path, out_dir)
+    return Path(out_dir)
