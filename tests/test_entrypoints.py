@@ -133,3 +133,16 @@ def test_inference_on_a_published_file_scored_against_it(trained, tmp_path):
               "--references", str(combined), "--allow-missing", "--output-dir", str(tmp_path / "eval"))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["overall"]["n"] == 1917 and metrics["missing_predictions"] == 1914
+
+
+def test_two_ranks_on_gloo(tiny_default, tmp_path):
+    run = tmp_path / "ddp"
+    run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}",
+              "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "train.train_batch_size=4",
+              "train.max_steps=3", env={"NPROC": "2"})
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["samples_seen"] == 3 * 2 * 2  # both ranks' samples count
+    assert (run / "final" / "trainable.safetensors").is_file()
+    states = sorted(p.name for p in (run / "resume" / "step_3").iterdir())
+    assert "rng_rank0.pt" in states and "rng_rank1.pt" in states

@@ -31,7 +31,7 @@ import torch
 
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import RunConfig, resolve_path
-from toollmm.features import _file_digest
+from toollmm.features import encoder_identity
 from toollmm.model.imagebind import ImageBindConfig
 from toollmm.model.toollmm import build_model, is_trainable, load_trainable_state
 from toollmm.tokenization import load_tokenizer
@@ -189,11 +189,11 @@ def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Te
         raise DeltaError(f"{source} does not match the LoRA model built from the config:\n  " + "\n  ".join(problems))
 
 
-def encoder_identity(path: Path, size: str) -> str:
-    # Same key as FrozenEncoder.identity, without loading the weights; a missing file is recorded as such.
+def recorded_encoder_identity(path: Path, size: str) -> str:
+    """FrozenEncoder's identity, without loading the weights; a missing file is recorded as such."""
     if not path.is_file():
         return f"imagebind-{size}-unverified ({path} absent at import)"
-    return f"imagebind-{size}-{path.stat().st_size}-{_file_digest(path, limit=64 << 20)[:16]}"
+    return encoder_identity(path, size)
 
 
 def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
@@ -217,7 +217,7 @@ def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
     step = STEP_IN_NAME.search(delta_path.name)
     progress = {"step": int(step[1]) if step else None, "imported_from": str(delta_path.resolve())}
     tokenizer = load_tokenizer(resolve_path(config.model.llm_path))
-    identity = encoder_identity(resolve_path(config.model.imagebind_path), config.model.imagebind_size)
+    identity = recorded_encoder_identity(resolve_path(config.model.imagebind_path), config.model.imagebind_size)
     save_checkpoint(Path(out_dir), model.eval(), config, tokenizer, progress, identity)
     log.info("imported %d tensors from %s into %s", len(mapped), delta_path, out_dir)
     return Path(out_dir)

@@ -68,6 +68,20 @@ def default_num_workers() -> int:
     return min(16, max(0, _cpu_count() - 1))
 
 
+# Bump when media.py's preprocessing changes: features cached by older code are then not reused.
+PREPROCESSING_VERSION = 1
+
+
+def encoder_identity(path: Path, size: str) -> str:
+    """The cache key of an encoder checkpoint (and of the preprocessing feeding it).
+
+    Hashing all 4.5 GB of imagebind_huge.pth costs seconds per run; the first 64 MiB plus the
+    size and architecture identify a checkpoint well enough for a cache key.
+    """
+    digest = _file_digest(path, limit=64 << 20)[:16]
+    return f"imagebind-{size}-{path.stat().st_size}-{digest}-p{PREPROCESSING_VERSION}"
+
+
 class FrozenEncoder:
     """ImageBind in eval mode without gradients, in ``dtype`` on ``device``.
 
@@ -80,10 +94,7 @@ class FrozenEncoder:
         config = ImageBindConfig.huge() if size == "huge" else ImageBindConfig.tiny()
         self.model = load_imagebind(path, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.out_dim = config.out_embed_dim
-        # Hashing all 4.5 GB of imagebind_huge.pth costs seconds per run; the first 64 MiB
-        # plus the size and architecture identify a checkpoint well enough for a cache key.
-        stat = Path(path).stat()
-        self.identity = f"imagebind-{size}-{stat.st_size}-{_file_digest(Path(path), limit=64 << 20)[:16]}"
+        self.identity = encoder_identity(Path(path), size)
 
     @property
     def device(self) -> torch.device:

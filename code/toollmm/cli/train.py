@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> Path:
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
     splits = load_splits(config.data)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
+    # would decode and encode every file.
+    if not is_main:
+        dist.barrier()
     train_records, features = featurize(splits.train, encoder, cache, splits.report)
+    if is_main:
+        dist.barrier()
     encoder_dim = encoder.out_dim
     del encoder  # frees the encoder's memory before the LLM loads
     dataset = ToolDataset(training_pairs(train_records), tokenizer, features, config.data.max_tgt_len)
