@@ -2,23 +2,34 @@
 
     python code/inference.py --ckpt ckpt/tiny/final --split test --output ckpt/tiny/predictions_test.json
     python code/inference.py --ckpt CKPT --data combined_data.json --media-root mm_dataset --output preds.json
+    python code/inference.py --ckpt ckpt/tiny/final --split test --constrained --top-k 5 --output preds.json
 
 Writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``response``) plus ``tool`` (the parsed name, null when the answer is malformed),
 ``input_modality`` and ``acceptable`` (the reference tools, when known).
+
+``--constrained`` decodes only answers of the tool catalogue (the checkpoint's training
+data, or ``--catalogue``): ``tool`` is then always a catalogue member. ``--top-k K`` (K > 1)
+adds ``top_k``: K distinct catalogue tools with ``score`` = log p(answer | prompt), summed
+over the answer's tokens, best first; ``tool`` stays the generated answer (greedy is not
+always the most probable answer). Constrained responses are written as
+``format_answer(tool)``, exactly the tokens that were decoded.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
+import time
 import tempfile
 from pathlib import Path
 
 import torch
 
+from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_checkpoint
 from toollmm.config import DataFile, resolve_path
 from toollmm.data import load_splits
@@ -26,7 +37,7 @@ from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
 from toollmm.data.toolmmbench import DataReport
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
-from toollmm.generate import generate_responses
+from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
 from toollmm.model.toollmm import TORCH_DTYPES
 from toollmm.prompts import build_example, parse_answer
 
@@ -47,11 +58,30 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
-    return parser.parse_args(argv)
+    parser.add_argument("--constrained", action="store_true",
+                        help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
+                             "then the longest answer's length); off = free generation")
+    parser.add_argument("--top-k", type=int, default=1, metavar="K",
+                        help="K > 1 adds a top_k field: K distinct tools with log p(answer | prompt), best first")
+    parser.add_argument("--top-k-method", choices=TOP_K_METHODS, default="beam",
+                        help="beam: beam search over the catalogue trie (fast, may miss a better tool); "
+                             "exact: scores every catalogue answer (the reference, ~one forward token per answer token)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="beams for --top-k-method beam (default 2K; more beams find the exact top K more often)")
+    parser.add_argument("--catalogue", type=Path, default=None,
+                        help="JSON list of tool names for --constrained/--top-k (default: the tools of the checkpoint's data files)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.num_beams is not None and (args.top_k == 1 or args.top_k_method != "beam"):
+        parser.error("--num-beams applies to --top-k K (K > 1) with --top-k-method beam only")
+    if args.num_beams is not None and args.num_beams < args.top_k:
+        parser.error(f"--num-beams {args.num_beams} cannot return {args.top_k} tools: use at least --num-beams {args.top_k}")
+    return args
 
 
 def select_queries(args, config) -> list[Query]:
-    data = config.data
+    data = copy.deepcopy(config.data)  # config.data keeps naming the training data (the catalogue)
     if args.data is not None:
         media_root = args.media_root or args.data.parent
         data.train_files, data.eval_files = [DataFile(str(args.data.resolve()), str(Path(media_root).resolve()))], []
@@ -73,9 +103,19 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
 
+    trie = None
+    if args.constrained or args.top_k > 1:
+        catalogue = load_catalogue(args.catalogue) if args.catalogue else load_splits(config.data).catalogue
+        trie = AnswerTrie(tokenizer, catalogue)
+        log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
     queries = select_queries(args, config)
     if args.limit:
         queries = queries[: args.limit]
+    if trie is not None:
+        unreachable = sum(1 for q in queries if q.tools and not set(q.tools) & set(trie.tools))
+        if unreachable:
+            log.warning("%d of %d queries accept only tools outside the catalogue: constrained and top-k answers "
+                        "cannot be right for them (pass --catalogue to use another list)", unreachable, len(queries))
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
     report = DataReport(rows=len(queries), used=len(queries))
@@ -90,10 +130,21 @@ def main(argv: list[str] | None = None) -> Path:
         torch.tensor(build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len).input_ids)
         for q in queries
     ]
+    query_features = [record_feature(q.record, features) for q in queries]
     responses = generate_responses(
-        model, tokenizer, prompts, [record_feature(q.record, features) for q in queries],
+        model, tokenizer, prompts, query_features,
         settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
+        constraint=trie if args.constrained else None,
     )
+    top_k = None
+    if args.top_k > 1:
+        start = time.perf_counter()
+        if args.top_k_method == "exact":
+            top_k = rank_tools(score_catalogue(model, tokenizer, prompts, query_features, trie), trie, args.top_k)
+        else:
+            top_k = beam_top_k(model, tokenizer, prompts, query_features, trie, args.top_k, settings.batch_size,
+                               num_beams=args.num_beams)
+        log.info("top-%d (%s) in %.1f s", args.top_k, args.top_k_method, time.perf_counter() - start)
     rows = [
         {
             "question_id": q.record.id,
@@ -102,8 +153,9 @@ def main(argv: list[str] | None = None) -> Path:
             "tool": parse_answer(response),
             "input_modality": q.record.input_modality,
             "acceptable": q.tools,
+            **({"top_k": top_k[i]} if top_k is not None else {}),
         }
-        for q, response in zip(queries, responses)
+        for i, (q, response) in enumerate(zip(queries, responses))
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".tmp")

@@ -1,0 +1,164 @@
+"""The tool catalogue as a prefix trie over tokenized answers, and the logits processor that
+keeps generation inside it.
+
+Every catalogue tool ``t`` has one answer, ``tokenizer.encode(format_answer(t))`` — the
+exact token ids the model was trained on (the answer segment is encoded on its own, see
+``toollmm.prompts``). Generation restricted to paths of this trie can only produce
+``{'api_name': <catalogue member>}\\n###``: well-formed, and never a hallucinated name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from toollmm.prompts import format_answer, parse_answer
+from toollmm.tokenization import PromptTokenizer
+
+
+class AnswerTrie:
+    """Prefix trie over the token ids of every catalogue answer.
+
+    Nodes are integers (0 is the root); ``children[node]`` maps a token id to the next node
+    and a leaf (a node without children) ends exactly one answer, ``tool_at[node]``.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer, tools: Sequence[str]):
+        if not tools:
+            raise ValueError("The tool catalogue is empty: constrained decoding needs at least one tool name.")
+        self.tools = list(tools)
+        unparsable = [tool for tool in self.tools if parse_answer(format_answer(tool)) != tool]
+        if unparsable:
+            raise ValueError(f"Tool names {unparsable[:5]} would not read back from their answer (parse_answer strips "
+                             "surrounding spaces and quotes, and a name may not contain braces or newlines): fix the catalogue.")
+        self.sequences = [tokenizer.encode(format_answer(tool)) for tool in self.tools]
+        self.children: list[dict[int, int]] = [{}]
+        self.tool_at: dict[int, int] = {}
+        for index, ids in enumerate(self.sequences):
+            node = 0
+            for token in ids:
+                if node in self.tool_at:
+                    raise ValueError(self._prefix_error(self.tool_at[node], index))
+                child = self.children[node].get(token)
+                if child is None:
+                    child = len(self.children)
+                    self.children.append({})
+                    self.children[node][token] = child
+                node = child
+            if node in self.tool_at:
+                other = self.tools[self.tool_at[node]]
+                raise ValueError(f"Tools {other!r} and {self.tools[index]!r} tokenize to the same answer; remove one from the catalogue.")
+            if self.children[node]:
+                raise ValueError(self._prefix_error(index, self._any_tool_below(node)))
+            self.tool_at[node] = index
+        # Precomputed so the processor does no per-step list building.
+        self.allowed = [list(c) for c in self.children]
+
+    def _prefix_error(self, short: int, long: int) -> str:
+        return (f"The answer of tool {self.tools[short]!r} is a token prefix of the answer of {self.tools[long]!r}: "
+                "decoding could not tell where one stops. Tool names must not contain '}' or newlines.")
+
+    def _any_tool_below(self, node: int) -> int:
+        while node not in self.tool_at:
+            node = next(iter(self.children[node].values()))
+        return self.tool_at[node]
+
+    def __len__(self) -> int:
+        return len(self.tools)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens in the longest answer."""
+        return max(len(ids) for ids in self.sequences)
+
+    @property
+    def common_prefix(self) -> list[int]:
+        """Token ids every answer starts with (``{'api_name':`` and whatever the tokenizer merges),
+        never a whole answer."""
+        prefix, node = [], 0
+        while len(self.children[node]) == 1 and node not in self.tool_at:
+            (token, child), = self.children[node].items()
+            if child in self.tool_at:
+                break
+            prefix.append(token)
+            node = child
+        return prefix
+
+    def walk(self, tokens: Sequence[int]) -> int:
+        """The node reached by ``tokens`` from the root; tokens after a leaf (EOS, padding) are ignored.
+
+        Raises ``KeyError`` for a path that leaves the trie.
+        """
+        node = 0
+        for token in tokens:
+            if node in self.tool_at:
+                break
+            node = self.children[node][token]
+        return node
+
+    def tool_for(self, tokens: Sequence[int]) -> str:
+        """The tool whose answer ``tokens`` spell (followed by anything); ``ValueError`` if none."""
+        try:
+            node = self.walk(tokens)
+        except KeyError:
+            node = -1
+        if node not in self.tool_at:
+            raise ValueError(f"token ids {list(tokens)} do not spell a whole catalogue answer")
+        return self.tools[self.tool_at[node]]
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Allows only tokens that continue a catalogue answer; after the answer's last token, only EOS.
+
+    ``input_ids`` as ``generate`` passes them: with ``inputs_embeds`` and no ``input_ids``, only
+    the generated tokens (shape ``(rows, 0)`` at the first step, left padding or not), which is
+    ``prompt_length=0``; pass the prompt length when generating from ``input_ids``. The walk
+    starts from the root for every row at every step, so beam search may reorder rows freely.
+
+    Finished rows get EOS at score 0 (probability 1): with beam search the trailing EOS then
+    adds nothing, and a beam's score is exactly log p(answer | prompt).
+    """
+
+    def __init__(self, trie: AnswerTrie, eos_token_id: int, prompt_length: int = 0):
+        self.trie = trie
+        self.eos_token_id = eos_token_id
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, cols, done = [], [], []
+        # One device→host copy per step, not one per row.
+        for row, tokens in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            try:
+                node = self.trie.walk(tokens)
+            except KeyError:
+                raise ValueError(
+                    f"generated tokens {tokens} left the answer trie: generate passed the prompt too? "
+                    "Set TrieLogitsProcessor(prompt_length=...) to the prompt's token count."
+                ) from None
+            if node in self.trie.tool_at:
+                done.append(row)
+            else:
+                allowed = self.trie.allowed[node]
+                rows += [row] * len(allowed)
+                cols += allowed
+        mask = torch.full_like(scores, float("-inf"))
+        if rows:
+            mask[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = 0.0
+        out = scores + mask
+        if done:
+            finished = torch.tensor(done, device=scores.device)
+            out[finished] = float("-inf")
+            out[finished, self.eos_token_id] = 0.0
+        return out
+
+
+def load_catalogue(path: Path) -> list[str]:
+    """A JSON list of tool names (``catalogue.json`` as ``preprocess_dataset.py`` writes it)."""
+    names = json.loads(Path(path).read_text())
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{path}: expected a JSON list of non-empty tool names")
+    return sorted(set(names))
