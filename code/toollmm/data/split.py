@@ -16,7 +16,7 @@ class Query:
     tools: list[str]
 
 
-def _in_test(key: tuple, seed: int, test_fraction: float) -> bool:
+def in_test_split(key: tuple, seed: int, test_fraction: float) -> bool:
     digest = hashlib.sha256(f"{seed}\x00{key!r}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
@@ -35,7 +35,7 @@ def split_by_query(records: list[Record], test_fraction: float, seed: int) -> tu
     request and the seed, so adding files never moves existing requests."""
     train, test = [], []
     for record in records:
-        (test if _in_test(record.request_key, seed, test_fraction) else train).append(record)
+        (test if in_test_split(record.request_key, seed, test_fraction) else train).append(record)
     return train, test
 
 
