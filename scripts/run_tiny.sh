@@ -16,10 +16,14 @@ bash scripts/train.sh --stage 3 --config code/config/tiny.yaml train.output_dir=
 for split in test train; do
   python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
 done
-for split in train test; do
-  python code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_$split.json" \
-    --output-dir "$run/eval_$split" --title "tiny default, $split queries"
-done
+# The same test queries with decoding constrained to the tool catalogue, and the top 5 tools.
+python code/inference.py --ckpt "$run/final" --split test --constrained --top-k 5 \
+  --output "$run/predictions_test_constrained.json"
+python code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_train.json" \
+  --output-dir "$run/eval_train" --title "tiny default, training queries"
+python code/evaluate.py --ckpt "$run/final" --labels free constrained \
+  --predictions "$run/predictions_test.json" "$run/predictions_test_constrained.json" \
+  --output-dir "$run/eval_test" --title "tiny default, test queries: free vs constrained decoding"
 python - "$run" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]

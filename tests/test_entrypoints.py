@@ -91,7 +91,8 @@ def test_inference_and_evaluation(trained, tmp_path):
               "--output", str(predictions), "--max-new-tokens", "8")
     rows = json.loads(predictions.read_text())
     assert len(rows) == 6
-    assert set(rows[0]) == {"question_id", "questions", "response", "tool", "input_modality", "acceptable"}
+    assert set(rows[0]) == {"question_id", "questions", "response", "tool", "input_modality", "acceptable",
+                            "ambiguity", "ifambiguity", "onetomulti"}
     result = run_entry("evaluate.py", "--ckpt", str(trained / "final"), "--predictions", str(predictions),
                        "--output-dir", str(tmp_path / "eval"))
     assert "| overall | 6 |" in result.stdout

@@ -6,7 +6,9 @@
 
 Writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``response``) plus ``tool`` (the parsed name, null when the answer is malformed),
-``input_modality`` and ``acceptable`` (the reference tools, when known).
+``input_modality``, ``acceptable`` (the reference tools, when known) and the data's
+``ambiguity`` (-1 none, else the type id), ``ifambiguity`` and ``onetomulti`` (these two null
+when the data file lacks them; training files do).
 
 ``--constrained`` decodes only answers of the tool catalogue (the checkpoint's training
 data, or ``--catalogue``): ``tool`` is then always a catalogue member. ``--top-k K`` (K > 1)
@@ -36,6 +38,7 @@ from toollmm.data import load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
 from toollmm.data.toolmmbench import DataReport
+from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
 from toollmm.model.toollmm import TORCH_DTYPES
@@ -153,6 +156,10 @@ def main(argv: list[str] | None = None) -> Path:
             "tool": parse_answer(response),
             "input_modality": q.record.input_modality,
             "acceptable": q.tools,
+            # For the evaluation's breakdowns.
+            "ambiguity": normalize_ambiguity(q.record.ambiguity),
+            "ifambiguity": q.record.ifambiguity,
+            "onetomulti": q.record.onetomulti,
             **({"top_k": top_k[i]} if top_k is not None else {}),
         }
         for i, (q, response) in enumerate(zip(queries, responses))
