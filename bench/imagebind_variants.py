@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `python bench/imagebind_variants.py` puts bench/ first on the import path.
 from imagebind_bench import (  # noqa: E402
     build_reference,
     compare,
