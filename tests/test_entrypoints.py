@@ -147,3 +147,18 @@ def test_two_ranks_on_gloo(tiny_default, tmp_path):
     assert (run / "final" / "trainable.safetensors").is_file()
     states = sorted(p.name for p in (run / "resume" / "step_3").iterdir())
     assert "rng_rank0.pt" in states and "rng_rank1.pt" in states
+
+
+def test_inference_settings_come_from_the_checkpoint_config(trained, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "final", ckpt)
+    text = (ckpt / "config.yaml").read_text()
+    assert "constrained: false" in text and "top_k: 1" in text
+    (ckpt / "config.yaml").write_text(text.replace("constrained: false", "constrained: true").replace("top_k: 1", "top_k: 3"))
+    predictions = tmp_path / "predictions.json"
+    run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "--limit", "4", "--output", str(predictions))
+    rows = json.loads(predictions.read_text())
+    assert all(row["tool"] is not None and len(row["top_k"]) == 3 for row in rows)
+    run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "--limit", "2", "--no-constrained", "--top-k", "1",
+              "--max-new-tokens", "4", "--output", str(predictions))
+    assert all("top_k" not in row for row in json.loads(predictions.read_text()))

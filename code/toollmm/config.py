@@ -136,6 +136,12 @@ class InferenceConfig:
     temperature: float = 0.0
     """0: greedy. The original sampled with temperature 0.4 / top_p 0.7."""
     top_p: float = 1.0
+    constrained: bool = False
+    """Decode only answers of the tool catalogue (never a malformed or invented tool)."""
+    top_k: int = 1
+    """K > 1 adds K distinct catalogue tools with their log-probability to each answer."""
+    top_k_method: Literal["beam", "exact"] = "beam"
+    """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
 
 
 @dataclass
@@ -243,6 +249,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"data.split.test_fraction must be in [0, 1), got {config.data.split.test_fraction}")
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: list at least one {path, media_root}")
+    if config.inference.top_k < 1:
+        raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
     if config.model.tuning == "lora" and config.model.lora.r < 1:
         raise ConfigError("model.lora.r must be at least 1")
 

@@ -10,7 +10,8 @@ Writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``ambiguity`` (-1 none, else the type id), ``ifambiguity`` and ``onetomulti`` (these two null
 when the data file lacks them; training files do).
 
-``--constrained`` decodes only answers of the tool catalogue (the checkpoint's training
+Flags left out take the checkpoint config's ``inference:`` values (``constrained``, ``top_k``,
+``top_k_method``, batch size, sampling). ``--constrained`` decodes only answers of the tool catalogue (the checkpoint's training
 data, or ``--catalogue``): ``tool`` is then always a catalogue member. ``--top-k K`` (K > 1)
 adds ``top_k``: K distinct catalogue tools with ``score`` = log p(answer | prompt), summed
 over the answer's tokens, best first; ``tool`` stays the generated answer (greedy is not
@@ -61,12 +62,12 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
-    parser.add_argument("--constrained", action="store_true",
+    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
                         help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
                              "then the longest answer's length); off = free generation")
-    parser.add_argument("--top-k", type=int, default=1, metavar="K",
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="K > 1 adds a top_k field: K distinct tools with log p(answer | prompt), best first")
-    parser.add_argument("--top-k-method", choices=TOP_K_METHODS, default="beam",
+    parser.add_argument("--top-k-method", choices=TOP_K_METHODS, default=None,
                         help="beam: beam search over the catalogue trie (fast, may miss a better tool); "
                              "exact: scores every catalogue answer (the reference, ~one forward token per answer token)")
     parser.add_argument("--num-beams", type=int, default=None,
@@ -74,13 +75,18 @@ def parse_args(argv):
     parser.add_argument("--catalogue", type=Path, default=None,
                         help="JSON list of tool names for --constrained/--top-k (default: the tools of the checkpoint's data files)")
     args = parser.parse_args(argv)
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k must be at least 1, got {args.top_k}")
-    if args.num_beams is not None and (args.top_k == 1 or args.top_k_method != "beam"):
-        parser.error("--num-beams applies to --top-k K (K > 1) with --top-k-method beam only")
-    if args.num_beams is not None and args.num_beams < args.top_k:
-        parser.error(f"--num-beams {args.num_beams} cannot return {args.top_k} tools: use at least --num-beams {args.top_k}")
     return args
+
+
+def check_beam_settings(args, settings) -> None:
+    """--num-beams against the merged settings (flags over the checkpoint's inference config)."""
+    if args.num_beams is not None and (settings.top_k == 1 or settings.top_k_method != "beam"):
+        raise SystemExit("--num-beams applies to --top-k K (K > 1) with --top-k-method beam only")
+    if args.num_beams is not None and args.num_beams < settings.top_k:
+        raise SystemExit(f"--num-beams {args.num_beams} cannot return {settings.top_k} tools: "
+                         f"use at least --num-beams {settings.top_k}")
 
 
 def select_queries(args, config) -> list[Query]:
@@ -102,12 +108,13 @@ def main(argv: list[str] | None = None) -> Path:
     dtype = TORCH_DTYPES[config.model.dtype] if device.type == "cuda" else torch.float32
     model.to(dtype)
     settings = config.inference
-    for name in ("batch_size", "max_new_tokens", "temperature", "top_p"):
+    for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    check_beam_settings(args, settings)
 
     trie = None
-    if args.constrained or args.top_k > 1:
+    if settings.constrained or settings.top_k > 1:
         catalogue = load_catalogue(args.catalogue) if args.catalogue else load_splits(config.data).catalogue
         trie = AnswerTrie(tokenizer, catalogue)
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
@@ -137,17 +144,17 @@ def main(argv: list[str] | None = None) -> Path:
     responses = generate_responses(
         model, tokenizer, prompts, query_features,
         settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
-        constraint=trie if args.constrained else None,
+        constraint=trie if settings.constrained else None,
     )
     top_k = None
-    if args.top_k > 1:
+    if settings.top_k > 1:
         start = time.perf_counter()
-        if args.top_k_method == "exact":
-            top_k = rank_tools(score_catalogue(model, tokenizer, prompts, query_features, trie), trie, args.top_k)
+        if settings.top_k_method == "exact":
+            top_k = rank_tools(score_catalogue(model, tokenizer, prompts, query_features, trie), trie, settings.top_k)
         else:
-            top_k = beam_top_k(model, tokenizer, prompts, query_features, trie, args.top_k, settings.batch_size,
+            top_k = beam_top_k(model, tokenizer, prompts, query_features, trie, settings.top_k, settings.batch_size,
                                num_beams=args.num_beams)
-        log.info("top-%d (%s) in %.1f s", args.top_k, args.top_k_method, time.perf_counter() - start)
+        log.info("top-%d (%s) in %.1f s", settings.top_k, settings.top_k_method, time.perf_counter() - start)
     rows = [
         {
             "question_id": q.record.id,
