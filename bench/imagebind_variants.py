@@ -41,7 +41,6 @@ from imagebind_bench import (  # noqa: E402
     compare,
     import_reference,
     make_inputs,
-    modality,
     runner,
     time_fn,
     vision_flops,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG
+from conftest import TINY_CONFIG
 from toollmm.config import CONFIG_DIR, ConfigError, check_batch_arithmetic, check_paths, load_config
 from toollmm.engine import deepspeed_config, planned_steps
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, TINY_LLM, run_entry
+from conftest import TINY_CONFIG, run_entry
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
