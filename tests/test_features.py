@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 
 import toollmm.features as features_module
@@ -191,10 +192,12 @@ def test_two_processes_extracting_into_one_cache_leave_only_whole_files(encoder,
         time.sleep(0.05)
     (tmp_path / "go").touch()
     # A third party reading the cache meanwhile (training on another node) never sees a partial file.
+    # It reads each file in one go, as FeatureCache.load does: safetensors' load_file opens the path
+    # twice (header, then mmap), so a replace between the two opens tears the read, not the file.
     reads = 0
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         for path in cache_files(tmp_path):
-            assert load_file(path)["feature"].shape == (1024,)
+            assert load_tensors(path.read_bytes())["feature"].shape == (1024,)
             reads += 1
     outputs = [p.communicate(timeout=120) for p in procs]
     assert reads > 0
