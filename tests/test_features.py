@@ -60,17 +60,18 @@ def corrupt(tmp_path_factory) -> dict[str, MediaRef]:
 
 @pytest.fixture(scope="module")
 def extracted(encoder, corrupt, tmp_path_factory):
-    """Every good file plus one broken file per modality, batches of 3, two decoding processes."""
+    """Every good file plus one broken file per modality, two decoding processes. Batches of 4 hold
+    each modality's files (at most 3 good + 1 broken) whatever the folders' sort order."""
     cache = FeatureCache(tmp_path_factory.mktemp("cache"), encoder.identity)
     refs = GOOD + list(corrupt.values())
-    return cache, extract_features(refs, encoder, cache, batch_size=3, num_workers=2, progress=False)
+    return cache, extract_features(refs, encoder, cache, batch_size=4, num_workers=2, progress=False)
 
 
 def test_broken_files_get_a_message_naming_them_and_their_batch_proceeds(extracted, corrupt):
     cache, result = extracted
     # The scenario holds: each broken file shares its batch with good files (extract_features's order).
     ordered = sorted(GOOD + list(corrupt.values()), key=lambda r: (r.modality, str(r.path)))
-    batches = [[ordered[i] for i in batch] for batch in _batches_by_modality(ordered, 3)]
+    batches = [[ordered[i] for i in batch] for batch in _batches_by_modality(ordered, 4)]
     for ref in corrupt.values():
         [batch] = [b for b in batches if ref in b]
         assert any(r in GOOD for r in batch)
