@@ -12,7 +12,7 @@ from toollmm.checkpoint import load_checkpoint
 from toollmm.cli.import_checkpoint import main as import_main
 from toollmm.config import load_config
 from toollmm.convert import DeltaError, import_delta
-from toollmm.model.toollmm import build_model, trainable_state_dict
+from toollmm.model.toollmm import build_model, checkpoint_state
 from toollmm.prompts import MEDIA_SLOT_ID, build_example, format_answer
 
 ENCODER_DIM = 1024
@@ -40,7 +40,7 @@ def source(tiny_default):
         for name, p in model.named_parameters():
             if "lora_B" in name or name.startswith("input_projector."):
                 p.normal_(std=0.02)
-    delta = {to_original(name): t for name, t in trainable_state_dict(model).items()}
+    delta = {to_original(name): t for name, t in checkpoint_state(model).items()}
     return model.eval(), delta
 
 

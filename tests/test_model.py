@@ -110,7 +110,7 @@ def test_checkpoint_with_wrong_tuning_is_refused(lora_model, tokenizer, tmp_path
     save_checkpoint(tmp_path / "ck", lora_model, config(), tokenizer, {"step": 1}, "encoder-id")
     text = (tmp_path / "ck" / "config.yaml").read_text().replace("tuning: lora", "tuning: full")
     (tmp_path / "ck" / "config.yaml").write_text(text)
-    with pytest.raises(ValueError, match="trainable weights do not match this model \\(tuning=full\\)"):
+    with pytest.raises(ValueError, match="weights do not match this model \\(trains: input_projector, llm\\)"):
         load_checkpoint(tmp_path / "ck")
 
 

@@ -6,7 +6,8 @@ A checkpoint folder::
     adapter/                the LoRA weights in PEFT's format (readable by other tools)
     config.yaml             the resolved run config
     tokenizer/              the tokenizer the model was trained with
-    checkpoint.json         base model identity, stage, step, samples seen, encoder identity
+    checkpoint.json         base model identity, stage, step, samples seen, encoder identity,
+                            signal tokens and output-projector shape (what the next stage checks)
 
 Folders are written under a temporary name and renamed when complete, so a crash never
 leaves a half-written checkpoint behind.
@@ -19,13 +20,19 @@ import os
 import shutil
 from pathlib import Path
 
+import dataclasses
+import logging
+
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from toollmm.config import RunConfig, config_from_dict, resolve_path
-from toollmm.model.toollmm import ToolLMM, build_model, load_trainable_state, trainable_state_dict
+from toollmm.model.toollmm import ToolLMM, build_model, checkpoint_state, load_trainable_state
+from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "trainable.safetensors"
 META = "checkpoint.json"
@@ -36,9 +43,22 @@ def base_identity(model: ToolLMM, config: RunConfig) -> dict:
     return {
         "llm_path": config.model.llm_path,
         "model_type": llm_config.model_type,
-        "vocab_size": llm_config.vocab_size,
+        # The base vocabulary: the signal tokens are recorded on their own.
+        "vocab_size": model.signal.base_vocab_size if model.signal is not None else llm_config.vocab_size,
         "hidden_size": llm_config.hidden_size,
         "num_hidden_layers": llm_config.num_hidden_layers,
+    }
+
+
+def outputs_identity(model: ToolLMM, config: RunConfig) -> dict | None:
+    """Signal tokens and output-projector shape: what a later stage must share."""
+    if model.signal is None:
+        return None
+    outputs = dataclasses.asdict(config.model.outputs)
+    return {
+        "signal_tokens": model.signal.to_dict(),
+        "projector": outputs["projector"],
+        "targets": {m: [outputs[m]["target_tokens"], outputs[m]["target_dim"]] for m in ("image", "video", "audio")},
     }
 
 
@@ -49,7 +69,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(trainable_state_dict(model), tmp / WEIGHTS, metadata={"format": "toollmm"})
+    save_file(checkpoint_state(model), tmp / WEIGHTS, metadata={"format": "toollmm"})
     if config.model.tuning == "lora":
         model.llm.save_pretrained(tmp / "adapter")
     (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -57,6 +77,7 @@ def save_checkpoint(
     meta = {
         "base_model": base_identity(model, config),
         "encoder": encoder_identity,
+        "outputs": outputs_identity(model, config),
         "stage": config.train.stage,
         **progress,
     }
@@ -83,15 +104,23 @@ def read_checkpoint_config(ckpt_dir: Path) -> tuple[RunConfig, dict]:
 def load_checkpoint(
     ckpt_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, llm_path: str | None = None
 ) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
-    """Base LLM + the checkpoint's trainable weights, checked against the base it is put on."""
+    """Base LLM + the checkpoint's weights, checked against the base it is put on."""
     ckpt_dir = Path(ckpt_dir)
     config, meta = read_checkpoint_config(ckpt_dir)
     if llm_path is not None:
         config.model.llm_path = llm_path
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
+    signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
     state = load_file(ckpt_dir / WEIGHTS)
     encoder_dim = state["input_projector.weight"].shape[1]
-    model = build_model(config.model, encoder_dim, dtype=dtype)
+    model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal)
+    check_compatible(meta, model, config, ckpt_dir)
+    load_trainable_state(model, state, ckpt_dir / WEIGHTS)
+    return model.to(device).eval(), tokenizer, config, meta
+
+
+def check_compatible(meta: dict, model: ToolLMM, config: RunConfig, ckpt_dir: Path) -> None:
+    """The checkpoint was trained on this base, with these signal tokens and output projectors."""
     expected, actual = meta["base_model"], base_identity(model, config)
     differences = [f"{k}: checkpoint {expected[k]} vs base {actual[k]}" for k in expected if k != "llm_path" and expected[k] != actual[k]]
     if differences:
@@ -99,5 +128,28 @@ def load_checkpoint(
             f"{ckpt_dir} was trained on {expected['llm_path']}, which differs from the base at "
             f"{resolve_path(config.model.llm_path)}: " + "; ".join(differences) + ". Pass the base it was trained on."
         )
-    load_trainable_state(model, state, config.model.tuning, ckpt_dir / WEIGHTS)
-    return model.to(device).eval(), tokenizer, config, meta
+    recorded, current = meta.get("outputs"), outputs_identity(model, config)
+    if recorded != current:
+        if recorded is None or current is None:
+            what = "has no signal tokens" if recorded is None else "has signal tokens and output projectors"
+            fix = "model.outputs.enabled=" + ("false" if recorded is None else "true")
+            raise ValueError(f"{ckpt_dir} {what}, this config does not agree: set {fix} (or pass another checkpoint)")
+        differences = [f"{k}: checkpoint {recorded[k]} vs config {current[k]}" for k in recorded if recorded[k] != current.get(k)]
+        raise ValueError(
+            f"{ckpt_dir} was trained with other signal tokens or output projectors: " + "; ".join(differences)
+            + ". Use the model.outputs settings it was trained with."
+        )
+
+
+def load_initial_weights(model: ToolLMM, config: RunConfig, init_dir: Path) -> None:
+    """Start a stage from the previous stage's checkpoint (``train.init_from``), after checking
+    it matches: same base model, same signal tokens, same output projectors."""
+    init_dir = Path(init_dir)
+    _, meta = read_checkpoint_config(init_dir)
+    check_compatible(meta, model, config, init_dir)
+    if meta.get("stage") != config.train.stage - 1:
+        log.warning("%s is a stage-%s checkpoint; stage %d usually starts from stage %d", init_dir, meta.get("stage"),
+                    config.train.stage, config.train.stage - 1)
+    fresh = load_trainable_state(model, load_file(init_dir / WEIGHTS), init_dir / WEIGHTS, partial=True)
+    log.info("initialised from %s (stage %s, step %s); %d tensors start fresh%s", init_dir, meta.get("stage"),
+             meta.get("step"), len(fresh), f" (e.g. {fresh[0]})" if fresh else "")

@@ -48,6 +48,63 @@ class LoraConfig:
 
 
 @dataclass
+class OutputModalityConfig:
+    """One output modality (NExT-GPT): its signal-token run and its decoder's conditioning shape."""
+
+    signal_tokens: int = 4
+    """Length of the run [IMG0]..[IMG<n-1>] (image 4, video 24, audio 8 as published)."""
+    target_tokens: int = 77
+    """Tokens of the decoder's text conditioning (77 for SD-1.5 and Zeroscope; 1 for AudioLDM's vector)."""
+    target_dim: int = 768
+    """Width of the decoder's text conditioning (SD-1.5 768, Zeroscope 1024, AudioLDM 512)."""
+    loss_scale: float = 1.0
+    """Weight of this modality's alignment loss (published: 1; stage 3 video 2)."""
+    decoder_path: str = ""
+    """The decoder as a diffusers checkpoint folder; its text_encoder/ and tokenizer/ make the caption embeddings."""
+
+
+@dataclass
+class OutputProjectorConfig:
+    """Signal-token hidden states → decoder conditioning. Defaults are the published transformer."""
+
+    mode: Literal["transformer", "linear"] = "transformer"
+    hidden_size: int = 512
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    heads: int = 4
+    ffn_size: int = 2048
+
+
+@dataclass
+class OutputsConfig:
+    """Any-to-any outputs (NExT-GPT): signal tokens added to the vocabulary, output projectors,
+    caption-embedding targets. Off: the tool-only recipe (MLLM-Tool), vocabulary unchanged."""
+
+    enabled: bool = False
+    projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
+    alignment_loss: Literal["l2", "mse"] = "l2"
+    """l2: mean over tokens of the Euclidean distance to the caption embedding (what the published
+    code minimises, calling it MSE); mse: mean squared error."""
+    image: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
+        4, 77, 768, 1.0, "pretrained_checkpoint/diffusion_ckpt/stable-diffusion-v1-5"))
+    video: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
+        24, 77, 1024, 1.0, "pretrained_checkpoint/diffusion_ckpt/zeroscope_v2_576w"))
+    audio: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
+        8, 1, 512, 1.0, "pretrained_checkpoint/diffusion_ckpt/audioldm-l-full"))
+
+    def modality(self, name: str) -> OutputModalityConfig:
+        return getattr(self, name)
+
+
+OUTPUT_MODALITIES = ("image", "video", "audio")
+
+
+def embedding_shape(output: OutputModalityConfig) -> tuple[int, ...]:
+    """Shape of one stored caption embedding: (tokens, dim), or (dim,) for a single vector (AudioLDM)."""
+    return (output.target_dim,) if output.target_tokens == 1 else (output.target_tokens, output.target_dim)
+
+
+@dataclass
 class ModelConfig:
     llm_path: str = "pretrained_checkpoint/LLM_ckpt/vicuna_7b"
     """Hugging Face LLaMA-family checkpoint folder (config.json, weights, tokenizer)."""
@@ -63,6 +120,7 @@ class ModelConfig:
     """Precision of the LLM and of the DeepSpeed engine (fills the DeepSpeed config's fp16/bf16 sections)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend (sdpa, eager, flash_attention_2 if installed)."""
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
 
 
 @dataclass
@@ -71,6 +129,20 @@ class DataFile:
     """A JSON list in the ToolMMBench schema."""
     media_root: str = ""
     """Folder the rows' image_path / audio_path / video_path are relative to."""
+
+
+@dataclass
+class CaptionFile:
+    """A caption file in the published NExT-GPT layout (t2x_pairs): a pair index (cc3m.json,
+    webvid.json, audiocap.json), a *_comprehension.json or a *_generation.json file."""
+
+    modality: Literal["image", "video", "audio"] = "image"
+    path: str = ""
+    media_root: str = ""
+    """Folder of the media files the rows name."""
+    embeddings_dir: str = ""
+    """Caption embeddings of this file's captions, written by process_embeddings.py (stage 2 and
+    generation rows of stage 3)."""
 
 
 @dataclass
@@ -85,6 +157,13 @@ class SplitConfig:
 class DataConfig:
     train_files: list[DataFile] = field(default_factory=list)
     eval_files: list[DataFile] = field(default_factory=list)
+    caption_files: list[CaptionFile] = field(default_factory=list)
+    """Stages 1-2: caption pairs (stage 1: X → caption; stage 2: caption → signal tokens)."""
+    instruction_files: list[CaptionFile] = field(default_factory=list)
+    """Stage 3 besides train_files: *_comprehension.json (X → text) and *_generation.json
+    (text → X: responses carry signal tokens) files."""
+    caption_prompt: str = "generate a caption"
+    """Stage 1's instruction after the medium (published)."""
     split: SplitConfig = field(default_factory=SplitConfig)
     missing_media: Literal["skip", "text_only", "error"] = "skip"
     """What to do with a row whose media file is missing: skip it (counted and reported),
@@ -117,6 +196,8 @@ class TrainConfig:
     learning_rate: float | None = None
     """null: take the DeepSpeed config's optimizer lr."""
     seed: int = 0
+    init_from: str | None = None
+    """A previous stage's checkpoint to start from (checked: same base, signal tokens and projectors)."""
     save_every_steps: int = 0
     """0: save at the end of each epoch and at the end."""
     keep_last: int = 2
@@ -175,7 +256,15 @@ def config_from_dict(cls, data: Any, where: str = ""):
         raise ConfigError(
             f"unknown config key {where + '.' if where else ''}{unknown[0]}; allowed here: {', '.join(sorted(names))}"
         )
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    defaults = cls()
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial section keeps the field's own defaults (model.outputs.video is 24 tokens
+            # of 77×1024 although OutputModalityConfig's class defaults are the image's).
+            value = _merge(dataclasses.asdict(default), value)
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
     return cls(**kwargs)
 
 
@@ -247,8 +336,12 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if not 0.0 <= config.data.split.test_fraction < 1.0:
         raise ConfigError(f"data.split.test_fraction must be in [0, 1), got {config.data.split.test_fraction}")
-    if not config.data.train_files:
-        raise ConfigError("data.train_files is empty: list at least one {path, media_root}")
+    if t.stage == 3 and not (config.data.train_files or config.data.instruction_files):
+        raise ConfigError("stage 3 has no data: list data.train_files (tool rows) and/or data.instruction_files")
+    if t.stage in (1, 2) and not config.data.caption_files:
+        raise ConfigError(f"stage {t.stage} trains on caption pairs: list them in data.caption_files")
+    if t.stage in (1, 2) and not config.model.outputs.enabled:
+        raise ConfigError(f"stage {t.stage} needs the signal tokens: set model.outputs.enabled=true")
     if config.inference.top_k < 1:
         raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
     if config.model.tuning == "lora" and config.model.lora.r < 1:
@@ -278,10 +371,18 @@ def check_paths(config: RunConfig) -> None:
     imagebind = resolve_path(config.model.imagebind_path)
     if not imagebind.is_file():
         problems.append(f"model.imagebind_path: {imagebind} does not exist (see pretrained_checkpoint/README.md)")
-    for key in ("train_files", "eval_files"):
+    keys = ("caption_files",) if config.train.stage in (1, 2) else ("train_files", "eval_files", "instruction_files")
+    for key in keys:
         for i, entry in enumerate(getattr(config.data, key)):
             if not resolve_path(entry.path).is_file():
                 problems.append(f"data.{key}[{i}].path: {resolve_path(entry.path)} does not exist")
+            embeddings = getattr(entry, "embeddings_dir", "")
+            if embeddings and config.train.stage != 1 and not resolve_path(embeddings).is_dir():
+                problems.append(f"data.{key}[{i}].embeddings_dir: {resolve_path(embeddings)} does not exist: "
+                                "run process_embeddings.py first (see README, stage 2)")
+    if config.train.init_from and not resolve_path(config.train.init_from).is_dir():
+        problems.append(f"train.init_from: {resolve_path(config.train.init_from)} does not exist "
+                        f"(train stage {config.train.stage - 1} first, or set train.init_from)")
     if not deepspeed_config_path(config).is_file():
         problems.append(f"train.deepspeed_config: {config.train.deepspeed_config} not found under the project root or code/")
     if problems:

@@ -212,7 +212,7 @@ def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
     log.info("loading the base LLM from %s (%s)", resolve_path(config.model.llm_path), dtype)
     model = build_model(config.model, encoder_dim, dtype=dtype)
     check_against_model(mapped, model.state_dict(), delta_path)
-    load_trainable_state(model, mapped, "lora", delta_path)
+    load_trainable_state(model, mapped, delta_path)
 
     step = STEP_IN_NAME.search(delta_path.name)
     progress = {"step": int(step[1]) if step else None, "imported_from": str(delta_path.resolve())}

@@ -11,9 +11,11 @@ segments with sentencepiece directly, and use the Hugging Face tokenizer for the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -31,11 +33,41 @@ class PromptTokenizer:
         if self.hf.pad_token_id is None:
             # As the original: pad with EOS; padded positions are masked by length, not by id.
             self.hf.pad_token = self.hf.eos_token
+        self._refresh_added()
 
-    def encode(self, text: str) -> list[int]:
+    def _refresh_added(self) -> None:
+        """Tokens added beyond the base vocabulary (the signal tokens)."""
+        size = self.sp.get_piece_size() if self.sp is not None else self.hf.vocab_size
+        self.added = {token: i for token, i in self.hf.get_added_vocab().items() if i >= size}
+        pattern = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
+        self._added_split = re.compile(f"({pattern})") if pattern else None
+
+    def add_tokens(self, names: list[str]) -> None:
+        self.hf.add_tokens([AddedToken(n, normalized=False, special=False) for n in names])
+        self._refresh_added()
+
+    def _encode_text(self, text: str) -> list[int]:
         if self.sp is not None:
             return self.sp.encode(text)
         return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, text: str) -> list[int]:
+        """Segment ids. Spaces next to an added token are dropped, as the slow LLaMA tokenizer
+        the originals ran did (so ``[IMG0] [IMG1]`` is two consecutive ids); newlines are kept,
+        so a run followed by ``\n###`` still ends in the stop string."""
+        if self._added_split is None:
+            return self._encode_text(text)
+        pieces = self._added_split.split(text)  # odd indices: added tokens
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self.added[piece])
+                continue
+            piece = piece.lstrip(" ") if i > 0 else piece
+            piece = piece.rstrip(" ") if i < len(pieces) - 1 else piece
+            if piece:
+                ids += self._encode_text(piece)
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -24,11 +24,13 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from toollmm.checkpoint import save_checkpoint
-from toollmm.config import ConfigError, check_batch_arithmetic, check_paths, load_config, resolve_path
+from toollmm.checkpoint import load_initial_weights, save_checkpoint
+from toollmm.config import OUTPUT_MODALITIES, ConfigError, check_batch_arithmetic, check_paths, load_config, resolve_path
 from toollmm.data import load_splits
-from toollmm.data.dataset import Collator, LengthGroupedBatchSampler, ToolDataset
+from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, tool_items
 from toollmm.data.split import training_pairs
+from toollmm.data.stages import caption_items, instruction_items
+from toollmm.data.toolmmbench import DataReport
 from toollmm.engine import (
     RESUME_DIR,
     MetricLogger,
@@ -39,7 +41,8 @@ from toollmm.engine import (
     planned_steps,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
-from toollmm.model.toollmm import build_model
+from toollmm.model.toollmm import build_model, optimizer_groups
+from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
 log = logging.getLogger("toollmm.train")
@@ -47,7 +50,8 @@ log = logging.getLogger("toollmm.train")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, required=True, choices=[3], help="training stage (stages 1-2: later)")
+    parser.add_argument("--stage", type=int, required=True, choices=[1, 2, 3],
+                        help="1: encoder alignment, 2: decoder alignment, 3: instruction tuning")
     parser.add_argument("--config", action="append", default=[], help="extra YAML layered over base + stage")
     parser.add_argument("--resume", action="store_true", help="continue from the newest state in train.output_dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed's launcher
@@ -84,23 +88,41 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---- data: rows → records → cached encoder features → tokenized examples
     tokenizer = load_tokenizer(resolve_path(config.model.llm_path))
+    signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
-    splits = load_splits(config.data)
+    report = DataReport()
+    tool_records, test_items = [], []
+    if config.train.stage in (1, 2):
+        items, test_items = caption_items(config, config.train.stage, report)
+    else:
+        if config.data.train_files:
+            splits = load_splits(config.data)
+            report.merge(splits.report)
+            tool_records = splits.train
+        items = instruction_items(config, report)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
     # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
     # would decode and encode every file.
     if not is_main:
         dist.barrier()
-    train_records, features = featurize(splits.train, encoder, cache, splits.report)
+    tool_records, features = featurize(tool_records, encoder, cache, report)
+    items, more = featurize(items, encoder, cache, report)
+    test_items, held_out = featurize(test_items, encoder, cache, report)
+    features.update(more)
+    features.update(held_out)
     if is_main:
         dist.barrier()
     encoder_dim = encoder.out_dim
     del encoder  # frees the encoder's memory before the LLM loads
-    dataset = ToolDataset(training_pairs(train_records), tokenizer, features, config.data.max_tgt_len)
+    items = tool_items(training_pairs(tool_records)) + items
+    dataset = InstructionDataset(items, tokenizer, features, config.data.max_tgt_len, signal, report)
+    test_set = InstructionDataset(test_items, tokenizer, features, config.data.max_tgt_len, signal, report)
     if is_main:
-        log.info("data:\n%s", splits.report.summary())
-        log.info("%d training examples from %d rows (%d truncated at max_tgt_len)", len(dataset), len(train_records), dataset.truncated)
-        (out_dir / "data_report.json").write_text(json.dumps(splits.report.to_dict(), indent=2))
+        log.info("data:\n%s", report.summary())
+        log.info("%d training examples (%d truncated at max_tgt_len), %d held out", len(dataset), dataset.truncated, len(test_set))
+        (out_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    if not len(dataset):
+        raise ConfigError(f"no training examples left (see {out_dir / 'data_report.json'} for why rows were skipped)")
     if config.train.group_by_length:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
                                             world_size, rank, config.train.seed)
@@ -122,11 +144,15 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- model + engine
     import deepspeed
 
-    model = build_model(config.model, encoder_dim)
+    model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
+    if config.train.init_from:
+        load_initial_weights(model, config, resolve_path(config.train.init_from))
     ds_config = deepspeed_config(config, world_size, total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
+    collate = Collator(tokenizer.pad_token_id, encoder_dim)
+    held_out = {}
+    if len(test_set) and not config.train.resume:
+        held_out["before"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
     if config.train.resume:
         _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=resume_tag, load_module_strict=False)
@@ -138,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = MetricLogger(out_dir, enabled=is_main)
     clock = Stopwatch()
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not is_main, desc="train")
-    window = torch.zeros(3, device=device)  # loss sum, token-accuracy sum, micro-batches
+    # loss sum, token-accuracy sum, micro-batches, then (MSE sum, runs batches) per output modality
+    window = torch.zeros(3 + 2 * len(OUTPUT_MODALITIES), device=device)
     done = progress["step"] >= total_steps
     for epoch in range(progress["epoch"], config.train.epochs):
         if done:
@@ -155,7 +182,7 @@ def main(argv: list[str] | None = None) -> Path:
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves on in step())
             engine.step()
-            window += torch.stack([out["loss"].detach().float(), out["token_accuracy"].float(), torch.ones((), device=device)])
+            window += step_metrics(out, device)
             progress["batches_in_epoch"] = index + 1
             progress["samples_seen"] += batch["input_ids"].shape[0] * world_size
             if not boundary:
@@ -166,6 +193,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "epoch": epoch,
                 "loss": (window[0] / window[2]).item(),
                 "token_accuracy": (window[1] / window[2]).item(),
+                **{f"mse_{m}": (window[3 + 2 * i] / window[4 + 2 * i]).item()
+                   for i, m in enumerate(OUTPUT_MODALITIES) if window[4 + 2 * i] > 0},
                 "lr": lr,
                 "samples_seen": progress["samples_seen"],
                 "elapsed_s": round(clock.elapsed(), 3),
@@ -190,6 +219,14 @@ def main(argv: list[str] | None = None) -> Path:
                 save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
     bar.close()
     metrics.close()
+    if len(test_set):
+        held_out["after"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
+        if is_main:
+            previous = out_dir / "held_out.json"
+            if "before" not in held_out and previous.is_file():  # a resumed run measured it when it started
+                held_out = {**json.loads(previous.read_text()), **held_out}
+            previous.write_text(json.dumps({"examples": len(test_set), **held_out}, indent=2))
+            log.info("held-out captions (%d): %s", len(test_set), held_out)
     final = out_dir / "final"
     if is_main:
         latest = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
@@ -200,6 +237,34 @@ def main(argv: list[str] | None = None) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return final
+
+
+def step_metrics(out: dict, device) -> torch.Tensor:
+    values = [out["loss"].detach().float(), out["token_accuracy"].float(), torch.ones((), device=device)]
+    for modality in OUTPUT_MODALITIES:
+        present = f"mse_{modality}" in out
+        values += [out[f"mse_{modality}"].float() if present else torch.zeros((), device=device),
+                   torch.tensor(float(present), device=device)]
+    return torch.stack(values)
+
+
+@torch.no_grad()
+def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict:
+    """Mean loss, token accuracy and per-modality alignment (MSE, l2) on the held-out captions.
+    Every rank runs it on the whole (small) set; the numbers are the same everywhere."""
+    engine.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = engine(**{k: v.to(device) for k, v in batch.items()})
+        rows = batch["input_ids"].shape[0]
+        for key in ["loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:
+            weight = rows if key in ("loss", "token_accuracy") else batch[f"target_{key.split('_', 1)[1]}"].shape[0]
+            sums[key] = sums.get(key, 0.0) + out[key].float().item() * weight
+            counts[key] = counts.get(key, 0) + weight
+    engine.train()
+    return {key: round(sums[key] / counts[key], 6) for key in sums}
 
 
 def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from toollmm.data.toolmmbench import MediaRef, Record
+from toollmm.config import OUTPUT_MODALITIES
+from toollmm.data.stages import CaptionTarget, Item
+from toollmm.data.toolmmbench import DataReport, MediaRef, Record
 from toollmm.prompts import IGNORE_INDEX, build_example, format_answer
+from toollmm.signal_tokens import SignalTokens, check_runs
 from toollmm.tokenization import PromptTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,47 +26,95 @@ class Example:
     feature: torch.Tensor | None
     """The example's media feature (features of several media are summed, as the original did)."""
     record_id: str
+    target: CaptionTarget | None = None
+    """The caption embedding its signal-token run is aligned to (stage 2, generation rows)."""
+    target_value: torch.Tensor | None = None
+    """``target`` read from its folder (filled by ``__getitem__``)."""
 
 
-def record_feature(record: Record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
+def record_feature(record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
     if not record.media:
         return None
     return torch.stack([features[ref] for ref in record.media]).sum(0)
 
 
-class ToolDataset(torch.utils.data.Dataset):
-    """(record, tool) pairs tokenized once up front; a few thousand rows take about a second."""
+def tool_items(pairs: list[tuple[Record, str]]) -> list[Item]:
+    """Tool-selection examples: one per (request, acceptable tool)."""
+    return [Item(record.id, record.query, format_answer(tool), record.media) for record, tool in pairs]
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Items tokenized once up front (a few thousand rows take about a second).
+
+    With signal tokens, an example whose run cannot feed its output projector — cut by
+    ``max_tgt_len``, incomplete in the data, or without a caption embedding — is skipped and
+    counted by reason (``skipped`` and the data report), never an error mid-training.
+    """
 
     def __init__(
         self,
-        pairs: list[tuple[Record, str]],
+        items: list[Item],
         tokenizer: PromptTokenizer,
         features: dict[MediaRef, torch.Tensor],
         max_tgt_len: int,
+        signal: SignalTokens | None = None,
+        report: DataReport | None = None,
     ):
         self.examples: list[Example] = []
         self.truncated = 0
-        for record, tool in pairs:
-            tokens = build_example(tokenizer, record.query, bool(record.media), format_answer(tool), max_tgt_len)
+        self.skipped: Counter = Counter()
+        for item in items:
+            tokens = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len)
+            if signal is not None:
+                problem = self._run_problem(tokens, item, tokenizer, signal)
+                if problem:
+                    self.skipped[problem] += 1
+                    if report is not None:
+                        report.skipped[problem] += 1
+                        report.used -= 1
+                        report.note(problem, item.id)
+                    continue
             self.truncated += tokens.truncated
             self.examples.append(
                 Example(
                     input_ids=torch.tensor(tokens.input_ids),
                     labels=torch.tensor(tokens.labels),
-                    feature=record_feature(record, features),
-                    record_id=record.id,
+                    feature=record_feature(item, features),
+                    record_id=item.id,
+                    target=item.target,
                 )
             )
+        if self.skipped:
+            log.warning("skipped %d examples: %s", sum(self.skipped.values()), dict(self.skipped))
+
+    @staticmethod
+    def _run_problem(tokens, item: Item, tokenizer: PromptTokenizer, signal: SignalTokens) -> str | None:
+        problem = check_runs(tokens.labels, signal)
+        if problem and tokens.truncated:
+            whole = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len=1 << 30)
+            if check_runs(whole.labels, signal) is None:
+                return "signal-token run cut by max_tgt_len"
+        if problem:
+            return f"{problem} in the data"
+        runs = {m: sum(1 for i in range(len(tokens.labels)) if tokens.labels[i] == ids[0]) for m, ids in signal.ids.items() if ids}
+        wanted = {m: int(item.target is not None and item.target.modality == m) for m in runs}
+        if runs != wanted:
+            return "signal-token runs do not match the caption embeddings (one run per generation answer)"
+        return None
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
+        example = self.examples[index]
+        if example.target is None:
+            return example
+        return replace(example, target_value=torch.from_numpy(example.target.store.load(example.target.name)))
 
 
 class Collator:
-    """Right padding (pad = EOS, as the original), attention mask from the true lengths."""
+    """Right padding (pad = EOS, as the original), attention mask from the true lengths, and
+    the caption embeddings of each output modality in row order (``target_<modality>``)."""
 
     def __init__(self, pad_token_id: int, feature_dim: int):
         self.pad_token_id = pad_token_id
@@ -72,12 +127,17 @@ class Collator:
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         features = [e.feature for e in examples if e.feature is not None]
         slot_features = torch.stack(features) if features else torch.zeros(0, self.feature_dim)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "slot_features": slot_features,
         }
+        for modality in OUTPUT_MODALITIES:
+            targets = [e.target_value for e in examples if e.target is not None and e.target.modality == modality]
+            if targets:
+                batch[f"target_{modality}"] = torch.stack(targets)
+        return batch
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

@@ -1,7 +1,9 @@
-"""The composed model: input projector + LLM (LoRA or fully tuned), and what trains.
+"""The composed model: input projector + LLM (LoRA or fully tuned) + output projectors, and what trains.
 
 The frozen encoder is not part of this module: its features are computed once and cached
 (``toollmm.features``), so the training engine only ever sees the parts that can train.
+With ``model.outputs.enabled`` the LLM's vocabulary grows by the signal tokens and one output
+projector per output modality maps a signal-token run's states to its decoder's conditioning.
 """
 
 from __future__ import annotations
@@ -16,19 +18,29 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from toollmm.config import ModelConfig, resolve_path
+from toollmm.config import OUTPUT_MODALITIES, ModelConfig, resolve_path
+from toollmm.model.projectors import build_output_projector
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID
+from toollmm.signal_tokens import SignalTokens, find_runs
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SIGNAL_ROWS = ("signal_rows.input_embeddings", "signal_rows.output_embeddings")
+"""Checkpoint keys of the added vocabulary rows (embedding and LM head): only these rows, not the matrices."""
 
 
 class ToolLMM(nn.Module):
-    def __init__(self, llm: nn.Module, input_projector: nn.Linear):
+    def __init__(self, llm: nn.Module, input_projector: nn.Linear, output_projectors: nn.ModuleDict | None = None,
+                 signal: SignalTokens | None = None, config: ModelConfig | None = None):
         super().__init__()
         self.llm = llm
         self.input_projector = input_projector
+        self.output_projectors = output_projectors
+        self.signal = signal
+        self.outputs_config = config.outputs if config is not None else None
+        self.parts: set[str] = set()
+        """What trains (``trainable_parts``), set by ``set_trainable``."""
 
     def embed_inputs(self, input_ids: torch.Tensor, slot_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with each media slot replaced by its projected feature.
@@ -54,13 +66,55 @@ class ToolLMM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         slot_features: torch.Tensor | None = None,
+        target_image: torch.Tensor | None = None,
+        target_video: torch.Tensor | None = None,
+        target_audio: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """LM loss on the answer tokens, plus, for each ``target_<modality>`` given, the scaled
+        alignment loss between the projected signal-token runs and those caption embeddings
+        (one target per run, runs in row-major order)."""
+        targets = {m: t for m, t in zip(OUTPUT_MODALITIES, (target_image, target_video, target_audio)) if t is not None}
         embeds = self.embed_inputs(input_ids, slot_features)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        out = {"logits": logits}
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                       output_hidden_states=bool(targets))
+        result = {"logits": out.logits}
         if labels is not None:
-            out.update(causal_lm_loss(logits, labels))
-        return out
+            result.update(causal_lm_loss(out.logits, labels))
+        for modality, target in targets.items():
+            if labels is None:
+                raise ValueError("caption-embedding targets need labels (they locate the signal-token runs)")
+            prediction = self.project_runs(modality, out.hidden_states[-1], embeds, labels)
+            if prediction.shape[0] != target.shape[0]:
+                raise ValueError(f"batch has {prediction.shape[0]} {modality} signal-token runs but {target.shape[0]} caption embeddings")
+            target = target.to(prediction.dtype).reshape(prediction.shape)
+            terms = alignment_losses(prediction, target)
+            config = self.outputs_config.modality(modality)
+            result["loss"] = result["loss"] + config.loss_scale * terms[self.outputs_config.alignment_loss]
+            result[f"l2_{modality}"], result[f"mse_{modality}"] = terms["l2"].detach(), terms["mse"].detach()
+        return result
+
+    def project_runs(self, modality: str, hidden: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The output projector on every ``modality`` run in the batch: (runs, target_tokens, target_dim).
+
+        Reads the last-layer states at the run's positions plus the run tokens' input
+        embeddings, as published.
+        """
+        run_ids = self.signal.ids[modality]
+        rows, starts = find_runs(labels, run_ids)
+        positions = starts[:, None] + torch.arange(len(run_ids), device=labels.device)
+        return self.output_projectors[modality](hidden[rows[:, None], positions], embeds[rows[:, None], positions])
+
+    def vocab_weights(self) -> list[nn.Parameter]:
+        """The input-embedding and LM-head matrices (one, when they are tied)."""
+        weights = [self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight]
+        return weights[:1] if weights[0] is weights[1] else weights
+
+
+def alignment_losses(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """l2: mean over tokens of the Euclidean distance (what the published code minimises, under
+    the name MSE); mse: mean squared error over every element."""
+    diff = prediction.float() - target.float()
+    return {"l2": diff.pow(2).sum(-1).sqrt().mean(), "mse": diff.pow(2).mean()}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,10 +137,41 @@ def load_llm(config: ModelConfig, dtype: torch.dtype | None = None) -> nn.Module
     )
 
 
-def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None = None) -> ToolLMM:
-    """LLM from ``config.llm_path`` + LoRA (if ``tuning: lora``) + a fresh input projector."""
+def trainable_parts(stage: int, config: ModelConfig) -> set[str]:
+    """What trains in each stage (the one rule; tests assert the resulting parameter sets).
+
+    1: the input projector (encoder alignment). 2: output projectors and the signal-token rows
+    (decoder alignment). 3: LoRA (or the whole LLM with ``tuning: full``) and the input
+    projector, plus output projectors and signal-token rows when outputs are enabled.
+    """
+    if stage == 1:
+        return {"input_projector"}
+    if stage == 2:
+        return {"output_projectors", "signal_rows"}
+    parts = {"input_projector", "lora" if config.tuning == "lora" else "llm"}
+    if config.outputs.enabled:
+        parts |= {"output_projectors", "signal_rows"}
+    return parts
+
+
+def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None = None, stage: int = 3,
+                signal: SignalTokens | None = None) -> ToolLMM:
+    """LLM from ``config.llm_path`` (+ signal-token rows, + LoRA in stage 3 with ``tuning: lora``),
+    a fresh input projector, and output projectors when ``config.outputs.enabled``."""
+    if config.outputs.enabled != (signal is not None):
+        raise ValueError("model.outputs.enabled needs the signal tokens (add_signal_tokens), and only then")
+    if stage in (1, 2) and not config.outputs.enabled:
+        raise ValueError(f"stage {stage} aligns the signal tokens: set model.outputs.enabled=true")
     llm = load_llm(config, dtype)
-    if config.tuning == "lora":
+    if signal is not None:
+        if llm.get_input_embeddings().num_embeddings != signal.base_vocab_size:
+            raise ValueError(
+                f"{config.llm_path} has {llm.get_input_embeddings().num_embeddings} embedding rows but its tokenizer "
+                f"has {signal.base_vocab_size} tokens before the signal tokens; use the tokenizer saved with this LLM"
+            )
+        llm.resize_token_embeddings(signal.vocab_size)
+    parts = trainable_parts(stage, config)
+    if "lora" in parts:
         llm = get_peft_model(
             llm,
             PeftLoraConfig(
@@ -97,48 +182,113 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
                 target_modules=list(config.lora.target_modules),
             ),
         )
-    projector = nn.Linear(encoder_dim, llm.config.hidden_size).to(llm.dtype)
-    model = ToolLMM(llm, projector)
-    set_trainable(model, config.tuning)
+    hidden = llm.config.hidden_size
+    projector = nn.Linear(encoder_dim, hidden).to(llm.dtype)
+    outputs = None
+    if config.outputs.enabled:
+        outputs = nn.ModuleDict({
+            m: build_output_projector(hidden, config.outputs.modality(m), config.outputs.projector)
+            for m in OUTPUT_MODALITIES
+        }).to(llm.dtype)
+    model = ToolLMM(llm, projector, outputs, signal, config)
+    set_trainable(model, parts)
     return model
 
 
-def is_trainable(name: str, tuning: str) -> bool:
-    """The one rule for what trains in stage 3: the input projector, plus LoRA weights
-    (published recipe) or every LLM weight (tiny default)."""
+def is_trainable(name: str, parts: set[str] | str) -> bool:
+    """Whether parameter ``name`` trains, for ``trainable_parts`` (or a tuning name: stage 3 without outputs).
+
+    The signal-token rows are not a parameter of their own: ``set_trainable`` handles them.
+    """
+    if isinstance(parts, str):
+        parts = {"input_projector", "lora" if parts == "lora" else "llm"}
     if name.startswith("input_projector."):
-        return True
-    if tuning == "lora":
-        return ".lora_A." in name or ".lora_B." in name
-    return name.startswith("llm.")
+        return "input_projector" in parts
+    if name.startswith("output_projectors."):
+        return "output_projectors" in parts
+    if ".lora_A." in name or ".lora_B." in name:
+        return "lora" in parts
+    return name.startswith("llm.") and "llm" in parts
 
 
-def set_trainable(model: ToolLMM, tuning: str) -> None:
+def set_trainable(model: ToolLMM, parts: set[str]) -> None:
+    model.parts = set(parts)
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(name, tuning))
+        param.requires_grad_(is_trainable(name, parts))
+    if "signal_rows" in parts and "llm" not in parts:
+        # The embedding and LM-head matrices train, but a gradient hook zeroes every row
+        # except the signal tokens', so the base vocabulary never moves (the optimizer must not
+        # apply weight decay to them either: see ``optimizer_groups``).
+        base = model.signal.base_vocab_size
+        for weight in model.vocab_weights():
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad, base=base: torch.cat([torch.zeros_like(grad[:base]), grad[base:]]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    log.info("trainable parameters: %d of %d (%.3f%%), parts: %s", trainable, total, 100 * trainable / total,
+             ", ".join(sorted(parts)))
 
 
-def trainable_state_dict(model: ToolLMM) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def optimizer_groups(model: ToolLMM) -> list[dict]:
+    """Trainable parameters for the optimizer; the vocabulary matrices without weight decay,
+    which would otherwise shrink the frozen base rows a little every step."""
+    vocab = {id(w) for w in model.vocab_weights()} if model.signal is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in vocab]}]
+    rows = [p for p in trainable if id(p) in vocab]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0})
+    return groups
 
 
-def load_trainable_state(model: ToolLMM, state: dict[str, torch.Tensor], tuning: str, source: Path) -> None:
-    """Load a checkpoint's trainable weights and check that exactly the frozen keys were missing."""
-    expected = {name for name in model.state_dict() if is_trainable(name, tuning)}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
+def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
+    """Everything the base LLM checkpoint does not hold: both projectors, the signal-token rows,
+    and the LLM weights that train (LoRA, or all of them with ``tuning: full``).
+
+    Frozen parts are saved too, so each stage's checkpoint is complete on its own (stage 2's
+    carries stage 1's input projector). Vocabulary matrices that train only in their signal
+    rows are saved as those rows (for a 7B model the matrices would add 0.5 GB per save).
+    """
+    vocab = {id(w) for w in model.vocab_weights()} if "llm" not in model.parts else set()
+    state = {}
+    for name, param in model.named_parameters():
+        if name.startswith(("input_projector.", "output_projectors.")):
+            state[name] = param
+        elif name.startswith("llm.") and param.requires_grad and id(param) not in vocab:
+            state[name] = param
+    if model.signal is not None:
+        base = model.signal.base_vocab_size
+        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:]
+        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:]
+    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
+
+
+def checkpoint_keys(model: ToolLMM) -> set[str]:
+    return set(checkpoint_state(model))
+
+
+def load_trainable_state(model: ToolLMM, state: dict[str, torch.Tensor], source: Path, partial: bool = False) -> list[str]:
+    """Load checkpoint weights. Exactly ``checkpoint_keys(model)`` must be present, unless
+    ``partial`` (starting a stage from the previous one's checkpoint): then the checkpoint may
+    lack keys (returned: they start fresh) but may not hold keys this model lacks."""
+    own = checkpoint_state(model)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if unexpected or (missing and not partial):
         raise ValueError(
-            f"{source}: trainable weights do not match this model (tuning={tuning}). "
-            f"Missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            f"{source}: weights do not match this model (trains: {', '.join(sorted(model.parts))}). Missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
             f"unexpected: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
-            "Was the checkpoint trained with another model.tuning or LoRA target_modules?"
+            "Was it trained with another model.tuning, LoRA target_modules, model.outputs or stage?"
         )
-    own = model.state_dict()
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
+    rows = {name: state.pop(name) for name in SIGNAL_ROWS if name in state}
     model.load_state_dict(state, strict=False)
+    if rows:
+        base = model.signal.base_vocab_size
+        with torch.no_grad():
+            weights = {SIGNAL_ROWS[0]: model.llm.get_input_embeddings().weight, SIGNAL_ROWS[1]: model.llm.get_output_embeddings().weight}
+            for name, tensor in rows.items():
+                weights[name][base:] = tensor.to(weights[name].dtype)
+    return missing

@@ -1,0 +1,118 @@
+"""Caption files in the published NExT-GPT layout (``t2x_pairs``) → ``CaptionRecord`` objects.
+
+Three kinds of JSON list, told apart by their keys (X is image, video or audio):
+
+- pair index (``cc3m.json``, ``webvid.json``, ``audiocap.json``): ``{"<X>_name": file, "caption": text}``;
+- comprehension (``*_comprehension.json``): ``{"input_<X>": file, "conversations": [human
+  "<X-tag>\\nquestion", gpt caption]}``: X → text;
+- generation (``*_generation.json``): ``{"output_<X>": file, "<X>_captions": text,
+  "<X>_caption_embeddings": "name.npy", "conversations": [human request, gpt "Sure thing! <X-tag>"]}``:
+  text → X, the tag marking where the signal tokens go.
+
+A caption embedding is named ``<media file name>.npy`` (the generation files name exactly
+that), so one embeddings folder serves a pair index and its generation file.
+Rows that cannot be used are counted by reason in a ``DataReport``, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from toollmm.data.toolmmbench import DataReport, MediaRef
+
+MEDIA_TAGS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+
+Kind = Literal["pairs", "comprehension", "generation"]
+
+
+@dataclass
+class CaptionRecord:
+    id: str
+    """``<file stem>/<row index>``."""
+    modality: str
+    kind: Kind
+    caption: str
+    embedding_name: str
+    """File name of this caption's embedding in the file's embeddings folder."""
+    media: list[MediaRef] = field(default_factory=list)
+    """The input medium (pairs and comprehension rows), when it exists on disk."""
+    prompt: str = ""
+    """Comprehension and generation rows: the human turn, media tag removed."""
+    response: str = ""
+    """Generation rows: the assistant turn; the media tag marks the signal-token run."""
+
+
+def file_kind(row: dict, modality: str) -> Kind:
+    if f"output_{modality}" in row:
+        return "generation"
+    if f"input_{modality}" in row:
+        return "comprehension"
+    return "pairs"
+
+
+def _parse(row, modality: str) -> tuple[Kind, str, str, str, str] | str:
+    """(kind, media name, caption, prompt, response), or why the row cannot be used."""
+    if not isinstance(row, dict):
+        return f"row is a {type(row).__name__}, not an object"
+    kind = file_kind(row, modality)
+    tag = MEDIA_TAGS[modality]
+    if kind == "pairs":
+        name, caption = row.get(f"{modality}_name"), row.get("caption")
+        prompt = response = ""
+    else:
+        name = row.get(f"{'output' if kind == 'generation' else 'input'}_{modality}")
+        turns = row.get("conversations")
+        if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])):
+            return "'conversations' must hold a human and a gpt turn with string values"
+        prompt, response = turns[0]["value"], turns[1]["value"]
+        if kind == "comprehension":
+            caption = response
+            prompt = prompt.replace(tag, "").strip()
+        else:
+            caption = row.get(f"{modality}_captions")
+            if tag not in response:
+                return f"the gpt turn has no {tag} tag where the signal tokens go"
+            name_npy = row.get(f"{modality}_caption_embeddings")
+            if isinstance(name, str) and name_npy not in (None, f"{name}.npy"):
+                return f"{modality}_caption_embeddings {name_npy!r} is not '{name}.npy'"
+    if not isinstance(name, str) or not name:
+        return f"no {modality} file name"
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    return kind, name, caption.strip(), prompt, response
+
+
+def read_caption_file(path: Path, media_root: Path, modality: str, need_media: bool) -> tuple[list[CaptionRecord], DataReport]:
+    """Read one caption file. ``need_media``: rows whose medium is missing are skipped (counted)."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of caption rows") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of caption rows, got {type(rows).__name__}")
+    report = DataReport(rows=len(rows))
+    records = []
+    for index, row in enumerate(rows):
+        where = f"{Path(path).name} row {index}"
+        parsed = _parse(row, modality)
+        if isinstance(parsed, str):
+            report.skipped["malformed row"] += 1
+            report.note("malformed row", f"{where}: {parsed}")
+            continue
+        kind, name, caption, prompt, response = parsed
+        media = []
+        if kind != "generation":
+            media_path = Path(media_root) / name
+            if media_path.is_file():
+                media = [MediaRef(modality, media_path)]
+            elif need_media:
+                report.skipped["missing media"] += 1
+                report.note("missing media", f"{where}: {media_path}")
+                continue
+        records.append(CaptionRecord(f"{Path(path).stem}/{index}", modality, kind, caption, f"{name}.npy",
+                                     media, prompt, response))
+        report.used += 1
+    return records, report
