@@ -15,7 +15,8 @@ def test_shipped_configs_load():
     tiny = load_config(3, [TINY_CONFIG])
     assert tiny.model.tuning == "full" and tiny.data.split.test_fraction == 0.15
     check_paths(tiny)  # the tiny default and bundled data are present
-    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["base.yaml", "stage_3.yaml", "tiny.yaml"]
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["any_to_any.yaml", "base.yaml", "stage_1.yaml", "stage_2.yaml",
+                                                                 "stage_3.yaml", "tiny.yaml", "tiny_chain.yaml"]
 
 
 def test_published_deepspeed_values():
@@ -69,3 +70,23 @@ def test_too_few_examples_for_one_step():
     with pytest.raises(ConfigError, match="no full optimizer step"):
         planned_steps(10, config, world_size=1)
     assert planned_steps(64, config, world_size=1) == 2 * 3  # 16 micro-batches / 8 per step × 3 epochs
+
+
+def test_stage_configs_and_partial_sections_keep_their_defaults():
+    one, two = load_config(1), load_config(2)
+    assert one.model.outputs.enabled and one.data.caption_prompt == "generate a caption"
+    assert [f.modality for f in one.data.caption_files] == ["image", "video", "audio"]
+    assert two.train.init_from == "ckpt/stage_1/final" and two.train.epochs == 1
+    outputs = two.model.outputs
+    assert [(o.signal_tokens, o.target_tokens, o.target_dim) for o in (outputs.image, outputs.video, outputs.audio)] == \
+        [(4, 77, 768), (24, 77, 1024), (8, 1, 512)]
+    # A layer naming one key of model.outputs.video keeps the video defaults (not the class's image ones).
+    chain = load_config(2, [TINY_CONFIG, CONFIG_DIR / "tiny_chain.yaml"])
+    assert (chain.model.outputs.video.signal_tokens, chain.model.outputs.video.target_dim) == (24, 1024)
+    assert chain.model.outputs.video.decoder_path.endswith("tiny_zeroscope")
+    full = load_config(3, [CONFIG_DIR / "any_to_any.yaml"])
+    assert full.model.outputs.video.loss_scale == 2.0 and full.model.outputs.image.loss_scale == 1.0
+    assert full.train.init_from == "ckpt/stage_2/final" and len(full.data.instruction_files) == 6
+    assert (full.model.outputs.projector.hidden_size, full.model.outputs.projector.encoder_layers) == (512, 4)
+    with pytest.raises(ConfigError, match="stage 1 needs the signal tokens"):
+        load_config(1, overrides=["model.outputs.enabled=false"])

@@ -67,7 +67,12 @@ def add_signal_tokens(tokenizer, outputs: OutputsConfig) -> SignalTokens:
         tokenizer.add_tokens(names)
         vocab = tokenizer.hf.get_vocab()
     base = vocab[names[0]]
-    if [vocab[n] for n in names] != list(range(base, base + len(names))) or base + len(names) != len(tokenizer):
+    if len(tokenizer) - base != len(names):
+        raise ValueError(
+            f"the tokenizer holds {len(tokenizer) - base} added tokens but this config has {len(names)} signal tokens: "
+            "it was saved with other model.outputs.*.signal_tokens counts; use that config or the base tokenizer."
+        )
+    if [vocab[n] for n in names] != list(range(base, base + len(names))):
         raise ValueError("the signal tokens are not the last, consecutive ids of the tokenizer; re-save it from the base tokenizer")
     ids = {}
     for modality in OUTPUT_MODALITIES:

@@ -7,6 +7,7 @@ versions). The outputs sit where real checkpoints go, so every code path is the 
 
     pretrained_checkpoint/LLM_ckpt/tiny_llama/        config.json, model.safetensors, tokenizer.*
     pretrained_checkpoint/imagebind_ckpt/tiny/imagebind_tiny.pth   (imagebind_huge.pth's key layout)
+    pretrained_checkpoint/diffusion_ckpt/tiny_{sd,zeroscope,audioldm}/  decoders' text encoders (diffusers layout)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from toollmm import prompts
 from toollmm.config import project_root
 from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, save_imagebind
+from toollmm.tiny_decoders import build_tiny_decoders
 from toollmm.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,8 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
 
 def build(root: Path, data_dir: Path, force: bool = False) -> tuple[Path, Path]:
     llm_dir, imagebind_file = root / LLM_DIR, root / IMAGEBIND_FILE
+    # The decoders' tiny text encoders (caption embeddings for stage 2): cheap, own skip logic.
+    build_tiny_decoders(root, force=force)
     if not force and (llm_dir / "config.json").is_file() and imagebind_file.is_file():
         log.info("tiny default already at %s and %s", llm_dir, imagebind_file)
         return llm_dir, imagebind_file

@@ -43,6 +43,19 @@ def tool_items(pairs: list[tuple[Record, str]]) -> list[Item]:
     return [Item(record.id, record.query, format_answer(tool), record.media) for record, tool in pairs]
 
 
+def run_problem(labels: list[int], item: Item, signal: SignalTokens) -> str | None:
+    """Why an example's signal tokens cannot feed the output projectors, or None: each run
+    complete, and exactly one run, of the target's modality, when the item has a caption embedding."""
+    problem = check_runs(labels, signal)
+    if problem:
+        return f"{problem} in the data"
+    runs = {m: labels.count(ids[0]) for m, ids in signal.ids.items() if ids}
+    wanted = {m: int(item.target is not None and item.target.modality == m) for m in runs}
+    if runs != wanted:
+        return "signal-token runs do not match the caption embeddings (one run per generation answer)"
+    return None
+
+
 class InstructionDataset(torch.utils.data.Dataset):
     """Items tokenized once up front (a few thousand rows take about a second).
 
@@ -89,18 +102,12 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _run_problem(tokens, item: Item, tokenizer: PromptTokenizer, signal: SignalTokens) -> str | None:
-        problem = check_runs(tokens.labels, signal)
+        problem = run_problem(tokens.labels, item, signal)
         if problem and tokens.truncated:
             whole = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len=1 << 30)
-            if check_runs(whole.labels, signal) is None:
+            if run_problem(whole.labels, item, signal) is None:
                 return "signal-token run cut by max_tgt_len"
-        if problem:
-            return f"{problem} in the data"
-        runs = {m: sum(1 for i in range(len(tokens.labels)) if tokens.labels[i] == ids[0]) for m, ids in signal.ids.items() if ids}
-        wanted = {m: int(item.target is not None and item.target.modality == m) for m in runs}
-        if runs != wanted:
-            return "signal-token runs do not match the caption embeddings (one run per generation answer)"
-        return None
+        return problem
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -16,6 +16,7 @@ to measure the alignment on captions the run never saw.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def instruction_items(config: RunConfig, report: DataReport) -> list[Item]:
             if target is None:
                 continue
             run = run_text(record.modality, config.model.outputs.modality(record.modality).signal_tokens)
-            answer = record.response.replace(MEDIA_TAGS[record.modality], f" {run} ", 1).strip()
+            answer = re.sub(rf"\s*{re.escape(MEDIA_TAGS[record.modality])}\s*", f" {run} ", record.response, count=1).strip()
             items.append(Item(record.id, record.prompt, answer + STOP_STRING, target=target))
         else:
             raise ConfigError(f"{record.id}: {record.kind} rows belong in data.caption_files (stages 1-2), "

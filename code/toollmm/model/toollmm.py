@@ -258,8 +258,10 @@ def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
             state[name] = param
     if model.signal is not None:
         base = model.signal.base_vocab_size
-        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:]
-        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:]
+        # Copies: with ``tuning: full`` the whole matrices are saved too, and safetensors
+        # refuses tensors that share memory.
+        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:].clone()
+        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:].clone()
     return {name: t.detach().cpu().contiguous() for name, t in state.items()}
 
 
