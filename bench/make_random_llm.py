@@ -45,7 +45,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tokenizer", type=Path, required=True, help="folder whose tokenizer files are copied in")
+    tokenizer = p.add_mutually_exclusive_group(required=True)
+    tokenizer.add_argument("--tokenizer", type=Path, help="folder whose tokenizer files are copied in")
+    tokenizer.add_argument("--train-tokenizer", type=Path, metavar="DATA_DIR",
+                           help="train a tokenizer of the preset's full vocabulary on this bundled data (needed when "
+                                "tokens are added after the base vocabulary: signal tokens, stages 1-2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-layers", type=int, default=None, help="override the layer count (local checks only)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,14 +78,21 @@ def main(argv=None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = args.tokenizer / name
-        if src.is_file():
-            shutil.copy2(src, args.out / name)
-            copied.append(name)
-    if "tokenizer.model" not in copied and "tokenizer.json" not in copied:
-        raise SystemExit(f"{args.tokenizer} holds no tokenizer.model or tokenizer.json")
+    if args.train_tokenizer:
+        from toollmm.tiny import VOCAB_SIZE, corpus, train_tokenizer
+
+        # The tiny corpus supports about 3000 learned pieces; never-matching filler pieces
+        # make up the rest, so ids span the real vocabulary and signal tokens start at 32000.
+        tok = train_tokenizer(corpus(args.train_tokenizer, []), args.out, vocab_size=config.vocab_size,
+                              unused_pieces=config.vocab_size - VOCAB_SIZE)
+        tok.save_pretrained(args.out)
+        copied = [f"trained, {len(tok)} tokens"]
+    else:
+        copied = [name for name in TOKENIZER_FILES if (args.tokenizer / name).is_file()]
+        for name in copied:
+            shutil.copy2(args.tokenizer / name, args.out / name)
+        if "tokenizer.model" not in copied and "tokenizer.json" not in copied:
+            raise SystemExit(f"{args.tokenizer} holds no tokenizer.model or tokenizer.json")
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"saved to {args.out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - built:.1f} s; tokenizer files: {copied}", flush=True)
     print(json.dumps({k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -87,7 +87,9 @@ def corpus(data_dir: Path, extra_files: list[Path]) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE, unused_pieces: int = 0) -> PromptTokenizer:
+    """``unused_pieces``: that many never-matching ``<unused_i>`` pieces at the end, so a
+    benchmark tokenizer can span a real model's vocabulary (32000 rows for Vicuna)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # LLaMA's sentencepiece settings: BPE, byte fallback, digits split, dummy prefix,
     # no whitespace normalization; ids 0/1/2 = <unk>/<s>/</s>, no pad.
@@ -97,7 +99,8 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> PromptTokenizer:
         # Written to memory: a model_prefix path would be recorded in the file and make
         # builds in different folders differ.
         model_writer=model,
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
+        user_defined_symbols=[f"<unused_{i}>" for i in range(unused_pieces)],
         model_type="bpe",
         byte_fallback=True,
         split_digits=True,
