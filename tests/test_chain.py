@@ -26,10 +26,12 @@ def chain(tiny_default, tmp_path_factory):
     run_entry("train.py", "--stage", "1", *LAYERS, f"train.output_dir={runs / 'stage_1'}", "train.max_steps=4", *SMALL)
     run_entry("train.py", "--stage", "2", *LAYERS, f"train.output_dir={runs / 'stage_2'}",
               f"train.init_from={runs / 'stage_1' / 'final'}", "train.epochs=6", *SMALL)
-    # Only the caption instructions, so every batch has X → text and text → X rows; LoRA as published.
+    # Only the caption instructions, so every batch has X → text and text → X rows; LoRA as
+    # published; packed rows (the fast path) through DeepSpeed.
     run_entry("train.py", "--stage", "3", "--config", str(ROOT / "code" / "config" / "any_to_any.yaml"), *LAYERS,
               f"train.output_dir={runs / 'stage_3'}", f"train.init_from={runs / 'stage_2' / 'final'}",
-              "data.train_files=[]", "data.eval_files=[]", "model.tuning=lora", "train.max_steps=6", *SMALL)
+              "data.train_files=[]", "data.eval_files=[]", "model.tuning=lora", "train.max_steps=6", *SMALL,
+              "train.packing=true", "train.pack_length=256")
     return runs
 
 
@@ -73,3 +75,4 @@ def test_stage_3_mixes_generation_rows_and_trains_lora(chain):
     assert not torch.equal(two["input_projector.weight"], three["input_projector.weight"])
     rows = metrics(chain / "stage_3")
     assert len(rows) == 6 and any(k.startswith("mse_") for row in rows for k in row)
+    assert rows[-1]["samples_seen"] == 6 * 4

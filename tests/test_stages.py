@@ -123,8 +123,7 @@ def test_a_stage_2_step_moves_only_the_signal_rows(signal_tokenizer):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # AdamW with weight decay, as published: decay on the frozen rows would move them.
     optimizer = torch.optim.AdamW(optimizer_groups(model), lr=1e-2, weight_decay=0.001)
-    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)([dataset_item(tokenizer, signal, "image"),
-                                                          dataset_item(tokenizer, signal, "audio")])
+    batch = collate(tokenizer, [dataset_item(tokenizer, signal, "image"), dataset_item(tokenizer, signal, "audio")])
     model(**batch)["loss"].backward()
     optimizer.step()
     after = dict(model.named_parameters())
@@ -137,6 +136,13 @@ def test_a_stage_2_step_moves_only_the_signal_rows(signal_tokenizer):
     assert not torch.equal(after["output_projectors.image.model.weight"], before["output_projectors.image.model.weight"])
     frozen = [n for n in before if not after[n].requires_grad]
     assert frozen and all(torch.equal(after[n], before[n]) for n in frozen)
+
+
+def collate(tokenizer, examples):
+    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
+    assert batch.pop("record_ids") == [e.record_id for e in examples]
+    assert batch.pop("real_tokens") == sum(len(e.input_ids) for e in examples)
+    return batch
 
 
 def dataset_item(tokenizer, signal, modality, caption="a dog runs on the beach"):
@@ -183,7 +189,7 @@ def test_projector_outputs_have_each_decoders_shape(signal_tokenizer, mode):
         hidden, embeds = torch.randn(2, n, 256), torch.randn(2, n, 256)
         assert model.output_projectors[modality](hidden, embeds).shape == shape
     # Stored targets (AudioLDM's is one 512-vector) fit the projector's output.
-    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)([dataset_item(tokenizer, signal, m) for m in expected])
+    batch = collate(tokenizer, [dataset_item(tokenizer, signal, m) for m in expected])
     assert batch["target_audio"].shape == (1, 512) and batch["target_video"].shape == (1, 77, 1024)
     out = model(**batch)
     assert {"mse_image", "mse_video", "mse_audio", "l2_image"} <= set(out)
@@ -197,7 +203,7 @@ def test_unknown_projector_mode_is_a_config_error():
 def test_alignment_loss_is_the_published_l2_and_scaled(signal_tokenizer):
     tokenizer, signal = signal_tokenizer
     model = model_for(2, signal, "model.outputs.image.loss_scale=2.0").eval()
-    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)([dataset_item(tokenizer, signal, "image")])
+    batch = collate(tokenizer, [dataset_item(tokenizer, signal, "image")])
     out = model(**batch)
     hidden_states = model.llm(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
     prediction = model.project_runs("image", hidden_states, model.embed_inputs(batch["input_ids"], None), batch["labels"])

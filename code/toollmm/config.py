@@ -205,6 +205,10 @@ class TrainConfig:
     """Continue from the newest resumable state in output_dir."""
     num_workers: int = 0
     log_every_steps: int = 1
+    packing: bool = False
+    """Pack each micro-batch's examples into rows of at most ``pack_length`` tokens (position ids
+    restart per example; no token attends across examples) instead of padding them."""
+    pack_length: int = 1024
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, same objective); off
     reproduces the original's uniformly random batches."""

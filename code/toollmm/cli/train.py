@@ -27,7 +27,7 @@ from tqdm import tqdm
 from toollmm.checkpoint import load_initial_weights, save_checkpoint
 from toollmm.config import OUTPUT_MODALITIES, ConfigError, check_batch_arithmetic, check_paths, load_config, resolve_path
 from toollmm.data import load_splits
-from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, tool_items
+from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, PackingCollator, tool_items
 from toollmm.data.split import training_pairs
 from toollmm.data.stages import caption_items, instruction_items
 from toollmm.data.toolmmbench import DataReport
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> Path:
     loader = DataLoader(
         dataset,
         **batching,
-        collate_fn=Collator(tokenizer.pad_token_id, encoder_dim),
+        collate_fn=(PackingCollator(tokenizer.pad_token_id, encoder_dim, config.train.pack_length) if config.train.packing
+                    else Collator(tokenizer.pad_token_id, encoder_dim)),
         num_workers=config.train.num_workers,
         # Its own generator: creating a loader iterator would otherwise draw from the global
         # RNG and shift the dropout stream of a resumed run.
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
     held_out = {}
     if len(test_set) and not config.train.resume:
         held_out["before"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0}
     if config.train.resume:
         _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=resume_tag, load_module_strict=False)
         progress.update(client_state["progress"])
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue  # already trained on before the resumed checkpoint
+            batch_examples, batch_tokens = len(batch.pop("record_ids")), batch.pop("real_tokens")
             batch = {k: v.to(device) for k, v in batch.items()}
             out = engine(**batch)
             engine.backward(out["loss"])
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> Path:
             engine.step()
             window += step_metrics(out, device)
             progress["batches_in_epoch"] = index + 1
-            progress["samples_seen"] += batch["input_ids"].shape[0] * world_size
+            progress["samples_seen"] += batch_examples * world_size
+            progress["tokens_seen"] += batch_tokens * world_size  # rank 0's count × ranks (ranks see similar batches)
             if not boundary:
                 continue
             progress["step"] += 1
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
                    for i, m in enumerate(OUTPUT_MODALITIES) if window[4 + 2 * i] > 0},
                 "lr": lr,
                 "samples_seen": progress["samples_seen"],
+                "tokens_seen": progress["tokens_seen"],
                 "elapsed_s": round(clock.elapsed(), 3),
             }
             if device.type == "cuda":
@@ -257,6 +261,7 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch.pop("record_ids"), batch.pop("real_tokens")
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         rows = batch["input_ids"].shape[0]
         for key in ["loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:

@@ -139,9 +139,71 @@ class Collator:
             "attention_mask": attention_mask,
             "labels": labels,
             "slot_features": slot_features,
+            # Not model inputs (the loop pops them): for samples and real-token counts.
+            "record_ids": [e.record_id for e in examples],
+            "real_tokens": int(lengths.sum()),
         }
         for modality in OUTPUT_MODALITIES:
             targets = [e.target_value for e in examples if e.target is not None and e.target.modality == modality]
+            if targets:
+                batch[f"target_{modality}"] = torch.stack(targets)
+        return batch
+
+
+class PackingCollator(Collator):
+    """Padding-free batches: the micro-batch's examples packed into rows of at most
+    ``row_length`` tokens (first fit, in order), each example's position ids restarting at 0.
+
+    No attention mask is passed: transformers sees the restarts in ``position_ids`` and builds a
+    block-diagonal causal mask, so no token attends across examples (with flash attention, the
+    variable-length kernel). Each example starts with BOS, whose label is ignored, so the
+    shifted loss never predicts across a boundary. Slots and caption targets keep the packed
+    (row-major) order. A bounded row keeps SDPA's masked attention, which does not skip the
+    masked blocks, from growing quadratically with the micro-batch.
+    """
+
+    def __init__(self, pad_token_id: int, feature_dim: int, row_length: int):
+        super().__init__(pad_token_id, feature_dim)
+        self.row_length = row_length
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        rows: list[list[Example]] = []
+        used: list[int] = []
+        for example in examples:
+            size = len(example.input_ids)
+            fit = next((i for i, n in enumerate(used) if n + size <= self.row_length), None)
+            if fit is None:
+                rows.append([example])
+                used.append(size)
+            else:
+                rows[fit].append(example)
+                used[fit] += size
+        width = max(used)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ordered: list[Example] = []
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                end = start + len(example.input_ids)
+                input_ids[r, start:end] = example.input_ids
+                labels[r, start:end] = example.labels
+                position_ids[r, start:end] = torch.arange(end - start)
+                start = end
+                ordered.append(example)
+            position_ids[r, start:] = torch.arange(width - start)  # the padding is a block of its own
+        features = [e.feature for e in ordered if e.feature is not None]
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "slot_features": torch.stack(features) if features else torch.zeros(0, self.feature_dim),
+            "record_ids": [e.record_id for e in ordered],
+            "real_tokens": sum(used),
+        }
+        for modality in OUTPUT_MODALITIES:
+            targets = [e.target_value for e in ordered if e.target is not None and e.target.modality == modality]
             if targets:
                 batch[f"target_{modality}"] = torch.stack(targets)
         return batch

@@ -63,19 +63,21 @@ class ToolLMM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         slot_features: torch.Tensor | None = None,
         target_image: torch.Tensor | None = None,
         target_video: torch.Tensor | None = None,
         target_audio: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """LM loss on the answer tokens, plus, for each ``target_<modality>`` given, the scaled
         alignment loss between the projected signal-token runs and those caption embeddings
-        (one target per run, runs in row-major order)."""
+        (one target per run, runs in row-major order). Packed rows (``PackingCollator``) come
+        with ``position_ids`` and no ``attention_mask``."""
         targets = {m: t for m, t in zip(OUTPUT_MODALITIES, (target_image, target_video, target_audio)) if t is not None}
         embeds = self.embed_inputs(input_ids, slot_features)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                        output_hidden_states=bool(targets))
         result = {"logits": out.logits}
         if labels is not None:

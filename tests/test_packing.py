@@ -1,0 +1,118 @@
+"""Speed never changes the maths: packed and length-grouped batches give the same per-example
+loss as padded ones (tiny LLaMA, fp32, SDPA), media slots and caption targets included."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_LLM
+from toollmm.config import load_config
+from toollmm.data.dataset import Collator, Example, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
+from toollmm.data.stages import CaptionTarget, Item
+from toollmm.data.toolmmbench import MediaRef
+from toollmm.model.toollmm import build_model
+from toollmm.prompts import IGNORE_INDEX, STOP_STRING, format_answer
+from toollmm.signal_tokens import add_signal_tokens, run_text
+from toollmm.tokenization import load_tokenizer
+
+ENCODER_DIM = 1024
+QUERIES = ["Which model can transcribe this recording?", "hi", "Classify the bird in this picture, please, I want the species",
+           "Turn this text into speech", "What is in the video?", "Summarise the following long paragraph " * 3]
+
+
+class Store:
+    root = "memory"
+
+    def __init__(self, shape):
+        self.array = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+    def load(self, name):
+        return self.array
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_default):
+    config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "model.outputs.enabled=true",
+                                       "model.outputs.projector.hidden_size=64", "model.outputs.projector.ffn_size=128",
+                                       "model.outputs.projector.encoder_layers=1", "model.outputs.projector.decoder_layers=1"])
+    tokenizer = load_tokenizer(TINY_LLM)
+    signal = add_signal_tokens(tokenizer, config.model.outputs)
+    torch.manual_seed(0)
+    model = build_model(config.model, ENCODER_DIM, stage=3, signal=signal).eval()
+    media = MediaRef("image", TINY_LLM / "config.json")  # any key: the feature is given below
+    items = [Item(f"q{i}", q, format_answer(f"tool/{i}"), [media] if i % 2 else []) for i, q in enumerate(QUERIES)]
+    items.append(Item("gen", "draw a red bird", "Sure! " + run_text("image", 4) + STOP_STRING,
+                      target=CaptionTarget("image", Store((77, 768)), "x.npy")))
+    torch.manual_seed(1)
+    dataset = InstructionDataset(items, tokenizer, {media: torch.randn(ENCODER_DIM)}, 256, signal)
+    return model, tokenizer, [dataset[i] for i in range(len(dataset))]
+
+
+def per_example_losses(model, batch, examples: list[Example]) -> tuple[dict[str, float], dict]:
+    """Each example's mean answer-token loss, read from the batch's logits by locating its tokens."""
+    batch = dict(batch)
+    order = batch.pop("record_ids")
+    assert batch.pop("real_tokens") == sum(len(e.input_ids) for e in examples)
+    with torch.no_grad():
+        out = model(**batch)
+    logits, labels = out["logits"], batch["labels"]
+    losses = {}
+    by_id = {e.record_id: e for e in examples}
+    pending = list(order)  # row-major: each row's examples, then its padding
+    for row in range(labels.shape[0]):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() if "position_ids" in batch else [0]
+        for start in starts:
+            if not pending:
+                break
+            example = by_id[pending[0]]
+            end = start + len(example.input_ids)
+            if not torch.equal(batch["input_ids"][row, start:end], example.input_ids):
+                continue  # the padding block
+            pending.pop(0)
+            shift_logits, shift_labels = logits[row, start:end - 1], labels[row, start + 1:end]
+            losses[example.record_id] = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX).item()
+    assert not pending
+    return losses, out
+
+
+def test_packed_rows_give_the_padded_per_example_losses(setup):
+    model, tokenizer, examples = setup
+    padded, padded_out = per_example_losses(model, Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples), examples)
+    packer = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80)
+    batch = packer(examples)
+    assert batch["input_ids"].shape[0] < len(examples) and "attention_mask" not in batch  # several examples per row
+    packed, packed_out = per_example_losses(model, batch, examples)
+    assert padded.keys() == packed.keys()
+    for record_id in padded:
+        assert packed[record_id] == pytest.approx(padded[record_id], abs=1e-4), record_id
+    # Control: the same rows with positions that do not restart attend across examples.
+    leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    with torch.no_grad():
+        leaky_out = model(**{k: v for k, v in leaky.items() if k not in ("record_ids", "real_tokens")})
+    assert abs(leaky_out["loss"].item() - padded_out["loss"].item()) > 1e-3
+    # The batch losses (answer-token mean + the image alignment term) agree as well.
+    torch.testing.assert_close(packed_out["loss"], padded_out["loss"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed_out["mse_image"], padded_out["mse_image"], atol=1e-5, rtol=0)
+
+
+def test_packing_wastes_fewer_tokens(setup):
+    _, tokenizer, examples = setup
+    real = sum(len(e.input_ids) for e in examples)
+    padded = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)["input_ids"].numel()
+    packed = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=128)(examples)["input_ids"].numel()
+    assert real <= packed < padded
+
+
+def test_length_grouped_batches_give_the_same_per_example_losses(setup):
+    model, tokenizer, examples = setup
+    collate = Collator(tokenizer.pad_token_id, ENCODER_DIM)
+    alone = {e.record_id: per_example_losses(model, collate([e]), [e])[0][e.record_id] for e in examples}
+    sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in examples], batch_size=3, seed=0)
+    seen = {}
+    for indices in sampler:
+        group = [examples[i] for i in indices]
+        seen.update(per_example_losses(model, collate(group), group)[0])
+    assert seen.keys() == alone.keys()
+    for record_id, loss in alone.items():
+        assert seen[record_id] == pytest.approx(loss, abs=1e-4), record_id
