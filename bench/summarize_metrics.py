@@ -1,9 +1,14 @@
-"""Summarize a training run's metrics.jsonl: step time, samples/s, peak GPU memory, loss.
+"""Summarize a training run's metrics.jsonl: step time, samples/s, real tokens/s, MFU, peak GPU memory, loss.
 
-    python bench/summarize_metrics.py RUN/metrics.jsonl [--warmup 5] [--json OUT.json]
+    python bench/summarize_metrics.py RUN/metrics.jsonl [--warmup 5] [--params 6.74e9] [--peak-tflops 989] [--json OUT.json]
 
 Step time = differences of elapsed_s between consecutive logged optimizer steps, after the
 first ``--warmup`` steps (step 1 holds the first-call overheads).
+
+MFU counts 4·N FLOPs per real (non-padding) token for a frozen base of N parameters with
+LoRA: the forward pass (2N) plus the backward pass's input gradients (2N); the weight
+gradients of the frozen base are never computed, LoRA's are negligible. MFU = tokens/s × 4N /
+peak dense bf16 FLOP/s (989 TFLOP/s: H100 SXM datasheet).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import statistics
 from pathlib import Path
 
 
-def summarize(path: Path, warmup: int) -> dict:
+def summarize(path: Path, warmup: int, params: float | None = None, peak_tflops: float = 989.0) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if len(rows) < warmup + 2:
         raise SystemExit(f"{path}: {len(rows)} steps logged, need more than warmup+1 = {warmup + 1}")
@@ -44,16 +49,30 @@ def summarize(path: Path, warmup: int) -> dict:
         "loss_mean_last5": round(statistics.mean(r["loss"] for r in rows[-5:]), 4),
         "token_accuracy_last": round(rows[-1].get("token_accuracy", float("nan")), 4),
         "lr_last": rows[-1]["lr"],
+        **_tokens(steady, span_s, params, peak_tflops),
     }
+
+
+def _tokens(steady: list[dict], span_s: float, params: float | None, peak_tflops: float) -> dict:
+    if "tokens_seen" not in steady[-1]:
+        return {}
+    tokens_per_s = (steady[-1]["tokens_seen"] - steady[0]["tokens_seen"]) / span_s
+    out = {"real_tokens_per_s": round(tokens_per_s, 1)}
+    if params:
+        out["mfu_4n"] = round(tokens_per_s * 4 * params / (peak_tflops * 1e12), 4)
+        out["mfu_formula"] = f"tokens/s × 4 × {params:.3g} / {peak_tflops} TFLOP/s"
+    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", type=Path)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--params", type=float, default=None, help="frozen base parameter count, for MFU (7B: 6.74e9)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    summary = summarize(args.metrics, args.warmup)
+    summary = summarize(args.metrics, args.warmup, args.params, args.peak_tflops)
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")

@@ -90,3 +90,13 @@ def test_stage_configs_and_partial_sections_keep_their_defaults():
     assert (full.model.outputs.projector.hidden_size, full.model.outputs.projector.encoder_layers) == (512, 4)
     with pytest.raises(ConfigError, match="stage 1 needs the signal tokens"):
         load_config(1, overrides=["model.outputs.enabled=false"])
+
+
+def test_offload_and_packing_keys():
+    config = load_config(3, overrides=["train.offload_optimizer=true", "train.packing=true", "train.pack_length=512"])
+    ds = deepspeed_config(config, world_size=1, total_steps=10)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "torch_adam" not in ds["optimizer"]["params"]  # DeepSpeedCPUAdam steps offloaded states
+    assert config.train.packing and config.train.pack_length == 512
+    plain = deepspeed_config(load_config(3), world_size=1, total_steps=10)
+    assert "offload_optimizer" not in plain["zero_optimization"] and plain["optimizer"]["params"]["torch_adam"]

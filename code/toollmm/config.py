@@ -205,6 +205,10 @@ class TrainConfig:
     """Continue from the newest resumable state in output_dir."""
     num_workers: int = 0
     log_every_steps: int = 1
+    offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
+    gradient_checkpointing: bool = False
+    """Recompute the LLM's activations in the backward pass: less memory, about a third more compute."""
     packing: bool = False
     """Pack each micro-batch's examples into rows of at most ``pack_length`` tokens (position ids
     restart per example; no token attends across examples) instead of padding them."""

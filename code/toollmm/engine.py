@@ -45,6 +45,11 @@ def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> di
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
     if t.learning_rate is not None:
         ds["optimizer"]["params"]["lr"] = t.learning_rate
+    if t.offload_optimizer:
+        # The original's setting: Adam states and step on the CPU (DeepSpeedCPUAdam, compiled
+        # on first use), for cards too small for them; it costs a host round trip every step.
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        ds["optimizer"]["params"].pop("torch_adam", None)
     scheduler = ds.get("scheduler")
     if scheduler and scheduler["type"] == "WarmupDecayLR":
         params = scheduler["params"]

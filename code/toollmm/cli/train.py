@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
     import deepspeed
 
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
+    if config.train.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.init_from:
         load_initial_weights(model, config, resolve_path(config.train.init_from))
     ds_config = deepspeed_config(config, world_size, total_steps)
