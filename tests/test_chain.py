@@ -76,3 +76,18 @@ def test_stage_3_mixes_generation_rows_and_trains_lora(chain):
     rows = metrics(chain / "stage_3")
     assert len(rows) == 6 and any(k.startswith("mse_") for row in rows for k in row)
     assert rows[-1]["samples_seen"] == 6 * 4
+
+
+def test_stage_2_through_deepspeed_leaves_the_base_vocabulary_rows(chain):
+    from conftest import TINY_LLM
+
+    base = load_file(TINY_LLM / "model.safetensors")
+    state_file = sorted((chain / "stage_2" / "resume").glob("step_*/mp_rank_00_model_states.pt"))[-1]
+    # Our own file, written by this test's run (DeepSpeed's format holds non-tensor objects).
+    module = torch.load(state_file, weights_only=False, map_location="cpu")["module"]
+    for name, base_name in (("llm.model.embed_tokens.weight", "model.embed_tokens.weight"), ("llm.lm_head.weight", "lm_head.weight")):
+        trained = module[name]
+        assert trained.shape[0] == 3038
+        assert torch.equal(trained[:3000], base[base_name]), name
+        assert torch.equal(trained[3000:], weights(chain / "stage_2")[
+            "signal_rows.input_embeddings" if "embed" in name else "signal_rows.output_embeddings"]), name

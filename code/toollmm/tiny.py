@@ -7,7 +7,8 @@ versions). The outputs sit where real checkpoints go, so every code path is the 
 
     pretrained_checkpoint/LLM_ckpt/tiny_llama/        config.json, model.safetensors, tokenizer.*
     pretrained_checkpoint/imagebind_ckpt/tiny/imagebind_tiny.pth   (imagebind_huge.pth's key layout)
-    pretrained_checkpoint/diffusion_ckpt/tiny_{sd,zeroscope,audioldm}/  decoders' text encoders (diffusers layout)
+    pretrained_checkpoint/diffusion_ckpt/tiny_{sd,zeroscope,audioldm}/  tiny random diffusers pipelines
+        (SD-1.5, Zeroscope and AudioLDM shapes scaled down; text encoders of the real output widths)
 """
 
 from __future__ import annotations

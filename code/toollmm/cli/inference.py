@@ -1,10 +1,20 @@
-"""Answer tool-selection queries with a trained checkpoint.
+"""Answer tool-selection queries with a trained checkpoint, or answer free prompts (any-to-any).
 
     python code/inference.py --ckpt ckpt/tiny/final --split test --output ckpt/tiny/predictions_test.json
     python code/inference.py --ckpt CKPT --data combined_data.json --media-root mm_dataset --output preds.json
     python code/inference.py --ckpt ckpt/tiny/final --split test --constrained --top-k 5 --output preds.json
+    python code/inference.py --ckpt ckpt/tiny_chain/stage_3/final --prompt "Draw a red bus" --output answers.json
+    python code/inference.py --ckpt CKPT --prompts-file prompts.txt --mode tool --top-k 3 --media-root media --output answers.json
 
-Writes a JSON list with the original's fields (``question_id``, ``questions``,
+Prompt mode (``--prompt``, repeatable, or ``--prompts-file``: one prompt a line, or a JSON list)
+goes through ``toollmm.assistant``: media come as ``<Image>path</Image>``, ``<Audio>..</Audio>``,
+``<Video>..</Video>`` tags in the prompt (with ``--media-root``, relative to it and confined to
+it); ``--mode chat`` generates freely and decodes any signal-token run into a file under
+``--output-dir`` (decoder folders from the checkpoint config, or ``--decoder image=DIR``);
+``--mode tool`` picks a catalogue tool. It writes a JSON list with ``prompt``, ``text``,
+``tool``, ``tools`` (``--top-k``), ``media`` (written files) and ``warnings``.
+
+Split/data mode writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``response``) plus ``tool`` (the parsed name, null when the answer is malformed),
 ``input_modality``, ``acceptable`` (the reference tools, when known) and the data's
 ``ambiguity`` (-1 none, else the type id), ``ifambiguity`` and ``onetomulti`` (these two null
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -32,9 +43,10 @@ from pathlib import Path
 
 import torch
 
+from toollmm.assistant import MODES, Assistant, parse_prompt
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_checkpoint
-from toollmm.config import DataFile, resolve_path
+from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
@@ -54,7 +66,11 @@ def parse_args(argv):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", choices=["test", "train"], help="the checkpoint config's test split, or a sample of its training queries")
     source.add_argument("--data", type=Path, help="a ToolMMBench JSON file")
-    parser.add_argument("--media-root", type=Path, default=None, help="folder --data's media paths are relative to")
+    source.add_argument("--prompt", action="append", help="a prompt to answer (repeatable); media as <Image>path</Image> tags")
+    source.add_argument("--prompts-file", type=Path, help="prompts to answer: one a line, or a JSON list of strings")
+    parser.add_argument("--media-root", type=Path, default=None,
+                        help="folder --data's media paths are relative to; for prompts, the folder their media tags "
+                             "must stay inside")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--llm-path", default=None, help="base LLM folder, if it moved since training")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -74,10 +90,75 @@ def parse_args(argv):
                         help="beams for --top-k-method beam (default 2K; more beams find the exact top K more often)")
     parser.add_argument("--catalogue", type=Path, default=None,
                         help="JSON list of tool names for --constrained/--top-k (default: the tools of the checkpoint's data files)")
+    prompts = parser.add_argument_group("prompt mode (--prompt / --prompts-file)")
+    prompts.add_argument("--mode", choices=MODES, default="chat",
+                         help="chat: free generation, signal-token runs become media files; tool: a catalogue tool")
+    prompts.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where generated media files go")
+    prompts.add_argument("--decoder", action="append", default=[], metavar="MODALITY=DIR",
+                         help="diffusers folder of an output modality's decoder, over the checkpoint config's (repeatable)")
+    prompts.add_argument("--offload", action="store_true", help="keep decoders on the CPU between their submodules' runs (CUDA)")
+    prompts.add_argument("--steps", type=int, default=25, help="diffusion steps per generated file")
     args = parser.parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k must be at least 1, got {args.top_k}")
+    args.decoders = {}
+    for item in args.decoder:
+        modality, _, folder = item.partition("=")
+        if modality not in OUTPUT_MODALITIES or not folder:
+            parser.error(f"--decoder {item!r}: expected MODALITY=DIR with MODALITY one of {', '.join(OUTPUT_MODALITIES)}")
+        args.decoders[modality] = folder
     return args
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    text = args.prompts_file.read_text()
+    if text.lstrip().startswith("["):
+        prompts = json.loads(text)
+        if not all(isinstance(p, str) for p in prompts):
+            raise SystemExit(f"{args.prompts_file}: a JSON prompts file is a list of strings")
+        return prompts
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def answer_prompts(args) -> list[dict]:
+    """Prompt mode: the Assistant over the prompts, in batches of the inference batch size."""
+    if args.num_beams is not None:
+        raise SystemExit("--num-beams applies to --split/--data; prompt mode takes inference.top_k_method's default beams")
+    prompts = read_prompts(args)
+    parsed = []
+    for prompt in prompts:
+        try:
+            parsed.append(parse_prompt(prompt, args.media_root))
+        except ValueError as err:
+            raise SystemExit(f"prompt {prompt!r}: {err}") from err
+    assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
+                          steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
+                          llm_path=args.llm_path)
+    settings = assistant.config.inference
+    for name in ("batch_size", "temperature", "top_p", "top_k_method"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    rows = []
+    for start in range(0, len(prompts), settings.batch_size):
+        chunk = parsed[start : start + settings.batch_size]
+        replies = assistant.reply_batch([q for q, _ in chunk], [m for _, m in chunk], args.mode, args.top_k or 1)
+        for prompt, (query, media), reply in zip(prompts[start:], chunk, replies):
+            rows.append({"prompt": prompt, "query": query, "input_media": [{"modality": m, "path": str(p)} for m, p in media],
+                         **dataclasses.asdict(reply)})
+            for warning in reply.warnings:
+                log.warning("%s: %s", prompt[:60], warning)
+    return rows
+
+
+def write_rows(rows: list[dict], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(rows, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, output)
+    log.info("%d answers written to %s", len(rows), output)
 
 
 def check_beam_settings(args, settings) -> None:
@@ -103,6 +184,13 @@ def select_queries(args, config) -> list[Query]:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = answer_prompts(args) if args.prompt or args.prompts_file else answer_queries(args)
+    write_rows(rows, args.output)
+    return args.output
+
+
+def answer_queries(args) -> list[dict]:
+    """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, config, meta = load_checkpoint(args.ckpt, device, llm_path=args.llm_path)
     dtype = TORCH_DTYPES[config.model.dtype] if device.type == "cuda" else torch.float32
@@ -171,13 +259,7 @@ def main(argv: list[str] | None = None) -> Path:
         }
         for i, (q, response) in enumerate(zip(queries, responses))
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rows, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, args.output)
-    log.info("%d answers written to %s", len(rows), args.output)
-    return args.output
+    return rows
 
 
 if __name__ == "__main__":
