@@ -16,12 +16,11 @@ Rows that cannot be used are counted by reason in a ``DataReport``, never a cras
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from toollmm.data.toolmmbench import DataReport, MediaRef
+from toollmm.data.toolmmbench import DataReport, MediaRef, read_json_rows
 
 MEDIA_TAGS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 
@@ -87,12 +86,7 @@ def _parse(row, modality: str) -> tuple[Kind, str, str, str, str] | str:
 
 def read_caption_file(path: Path, media_root: Path, modality: str, need_media: bool) -> tuple[list[CaptionRecord], DataReport]:
     """Read one caption file. ``need_media``: rows whose medium is missing are skipped (counted)."""
-    try:
-        rows = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of caption rows") from err
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of caption rows, got {type(rows).__name__}")
+    rows = read_json_rows(path, "caption rows")
     report = DataReport(rows=len(rows))
     records = []
     for index, row in enumerate(rows):

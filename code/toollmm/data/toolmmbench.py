@@ -93,6 +93,17 @@ class DataReport:
         }
 
 
+def read_json_rows(path: Path, what: str) -> list:
+    """A data file's JSON list, or a ValueError naming the file and what it should hold."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of {what}") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(rows).__name__}")
+    return rows
+
+
 class MissingMediaError(FileNotFoundError):
     pass
 
@@ -128,13 +139,7 @@ def read_toolmmbench(
     path: Path, media_root: Path, missing_media: str = "skip"
 ) -> tuple[list[Record], DataReport]:
     """Read one ToolMMBench JSON file. ``missing_media``: skip | text_only | error."""
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of ToolMMBench rows") from err
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    rows = read_json_rows(path, "ToolMMBench rows")
     report = DataReport(rows=len(rows))
     records = []
     for index, row in enumerate(rows):
