@@ -151,8 +151,9 @@ class Collator:
 
 
 class PackingCollator(Collator):
-    """Padding-free batches: the micro-batch's examples packed into rows of at most
-    ``row_length`` tokens (first fit, in order), each example's position ids restarting at 0.
+    """Padding-free batches: the micro-batch's examples packed into as few rows of at most
+    ``row_length`` tokens as fit, balanced (longest first, each into the shortest row) so the
+    rows end at nearly the same length; each example's position ids restart at 0.
 
     No attention mask is passed: transformers sees the restarts in ``position_ids`` and builds a
     block-diagonal causal mask, so no token attends across examples (with flash attention, the
@@ -166,18 +167,26 @@ class PackingCollator(Collator):
         super().__init__(pad_token_id, feature_dim)
         self.row_length = row_length
 
+    def _balanced_rows(self, examples: list[Example]) -> tuple[list[list[Example]], list[int]]:
+        sizes = [len(e.input_ids) for e in examples]
+        if max(sizes) > self.row_length:
+            raise ValueError(f"an example of {max(sizes)} tokens does not fit train.pack_length={self.row_length}; "
+                             "raise it to at least data.max_tgt_len plus the prompt prefix")
+        order = sorted(range(len(examples)), key=lambda i: -sizes[i])
+        count = -(-sum(sizes) // self.row_length)
+        while True:
+            rows: list[list[Example]] = [[] for _ in range(count)]
+            used = [0] * count
+            for i in order:
+                shortest = min(range(count), key=used.__getitem__)
+                rows[shortest].append(examples[i])
+                used[shortest] += sizes[i]
+            if max(used) <= self.row_length:
+                return rows, used
+            count += 1
+
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        rows: list[list[Example]] = []
-        used: list[int] = []
-        for example in examples:
-            size = len(example.input_ids)
-            fit = next((i for i, n in enumerate(used) if n + size <= self.row_length), None)
-            if fit is None:
-                rows.append([example])
-                used.append(size)
-            else:
-                rows[fit].append(example)
-                used[fit] += size
+        rows, used = self._balanced_rows(examples)
         width = max(used)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
