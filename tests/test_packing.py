@@ -116,3 +116,33 @@ def test_length_grouped_batches_give_the_same_per_example_losses(setup):
     assert seen.keys() == alone.keys()
     for record_id, loss in alone.items():
         assert seen[record_id] == pytest.approx(loss, abs=1e-4), record_id
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
+    config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "model.lora.dropout=0.0"])
+    tokenizer = load_tokenizer(TINY_LLM)
+    items = [Item(f"q{i}", q, format_answer(f"tool/{i}")) for i, q in enumerate(QUERIES)]
+    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(InstructionDataset(items, tokenizer, {}, 256).examples)
+    batch.pop("record_ids"), batch.pop("real_tokens")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config.model, ENCODER_DIM)
+        with torch.no_grad():  # LoRA B starts at zero: give the A gradients something to flow through
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls = []
+        # A module inside the layer (transformers checkpoints the layer's forward, not its hooks)
+        # whose input LoRA's backward needs: torch recomputes up to it.
+        layer = model.llm.get_base_model().model.layers[0].self_attn.q_proj
+        layer.register_forward_hook(lambda *args: calls.append(1))
+        model(**batch)["loss"].backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the layer in backward
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
