@@ -5,8 +5,10 @@
     reply.text, reply.media    # "...", [{"modality": "image", "path": "outputs/image_....png"}]
 
 Input media are encoded by the checkpoint's ImageBind and fill the prompt's one media slot;
-several media are summed there after the input projector, as NExT-GPT's
-``extract_multimodal_feature`` did (it summed the projected embeddings of every input).
+several media have their features summed before the input projector, exactly as training
+combines a row's media (``data.dataset.record_feature``). (NExT-GPT's
+``extract_multimodal_feature`` summed the projected embeddings instead, which differs by the
+projector's bias counted once per medium.)
 
 ``mode="tool"`` selects a tool as ``cli/inference.py`` does: constrained to the catalogue
 (the checkpoint's training data files, or ``catalogue=``), top-k by ``inference.top_k_method``.
