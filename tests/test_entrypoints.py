@@ -37,7 +37,8 @@ def test_training_writes_checkpoints_logs_and_learns(trained):
     assert sorted(p.name for p in (trained / "resume").iterdir() if p.is_dir()) == ["step_3", "step_6"]
     assert list((trained / "tensorboard").iterdir())
     report = json.loads((trained / "data_report.json").read_text())
-    assert report["text_only"] > 3000 and report["skipped"] == {}
+    # 13 ToolMMBench queries are longer than max_tgt_len 256 on their own: nothing of their answer is left.
+    assert report["text_only"] > 3000 and report["skipped"] == {"answer cut entirely by max_tgt_len (over-long query)": 13}
     assert not list(trained.glob("*.partial"))
 
 

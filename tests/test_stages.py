@@ -235,9 +235,12 @@ def test_runs_cut_short_are_counted_and_skipped(signal_tokenizer):
     tokenizer, signal = signal_tokenizer
     store = FixedStore(np.zeros((77, 1024), np.float32))
     video = run_text("video", 24)
+    # A query long enough that max_tgt_len (80) cuts the 24-token run in the middle.
+    long_query = next(q for q in ("a cat " * n for n in range(1, 80))
+                      if 60 < len(build_example(tokenizer, q, False, None, 1 << 30).input_ids) < 70)
     items = [
         Item("whole", "a cat", video + STOP_STRING, target=CaptionTarget("video", store, "a.npy")),
-        Item("long", "a cat " * 40, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
+        Item("long", long_query, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
         Item("broken", "a cat", run_text("video", 10) + STOP_STRING, target=CaptionTarget("video", store, "c.npy")),
         Item("orphan", "a cat", video + STOP_STRING),
         Item("text", "a cat", "a cat" + STOP_STRING),

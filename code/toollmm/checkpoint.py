@@ -101,6 +101,19 @@ def read_checkpoint_config(ckpt_dir: Path) -> tuple[RunConfig, dict]:
     return config, meta
 
 
+def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, or a clear error when the file is truncated or corrupt."""
+    path = Path(ckpt_dir) / WEIGHTS
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors reports a cut file as a header or buffer error
+        earlier = sorted(p.name for p in Path(ckpt_dir).parent.glob("checkpoint-*") if p != Path(ckpt_dir))
+        raise ValueError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); use another checkpoint"
+            + (f" (this run also has {', '.join(earlier)})" if earlier else "") + "."
+        ) from err
+
+
 def load_checkpoint(
     ckpt_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, llm_path: str | None = None
 ) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
@@ -111,7 +124,7 @@ def load_checkpoint(
         config.model.llm_path = llm_path
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
-    state = load_file(ckpt_dir / WEIGHTS)
+    state = read_weights(ckpt_dir)
     encoder_dim = state["input_projector.weight"].shape[1]
     model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal)
     check_compatible(meta, model, config, ckpt_dir)
@@ -150,6 +163,6 @@ def load_initial_weights(model: ToolLMM, config: RunConfig, init_dir: Path) -> N
     if meta.get("stage") != config.train.stage - 1:
         log.warning("%s is a stage-%s checkpoint; stage %d usually starts from stage %d", init_dir, meta.get("stage"),
                     config.train.stage, config.train.stage - 1)
-    fresh = load_trainable_state(model, load_file(init_dir / WEIGHTS), init_dir / WEIGHTS, partial=True)
+    fresh = load_trainable_state(model, read_weights(init_dir), init_dir / WEIGHTS, partial=True)
     log.info("initialised from %s (stage %s, step %s); %d tensors start fresh%s", init_dir, meta.get("stage"),
              meta.get("step"), len(fresh), f" (e.g. {fresh[0]})" if fresh else "")

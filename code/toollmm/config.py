@@ -205,6 +205,8 @@ class TrainConfig:
     """Continue from the newest resumable state in output_dir."""
     num_workers: int = 0
     log_every_steps: int = 1
+    max_nonfinite_in_a_row: int = 10
+    """Micro-batches with a non-finite loss are skipped (counted in metrics); this many in a row stop the run."""
     offload_optimizer: bool = False
     """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
     gradient_checkpointing: bool = False

@@ -75,15 +75,21 @@ def planned_steps(num_examples: int, config: RunConfig, world_size: int) -> int:
 class MetricLogger:
     """One record per optimizer step, from rank 0: tqdm, TensorBoard and metrics.jsonl."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, after_step: int = 0):
+        """``after_step``: a resumed run's step; records past it (logged before a kill, then
+        undone by resuming) are dropped so each step appears once."""
         self.enabled = enabled
         self.writer = None
         self.file = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            self.file = open(out_dir / "metrics.jsonl", "a")
+            path = out_dir / "metrics.jsonl"
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=after_step + 1 if after_step else None)
+            self.file = open(path, "a")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -101,11 +107,33 @@ class MetricLogger:
 
 
 RESUME_DIR = "resume"
+COMPLETE = "complete"
+"""Marker written into a resume state once every rank has saved it."""
+
+
+def mark_complete(out_dir: Path, tag: str) -> None:
+    folder = out_dir / RESUME_DIR / tag
+    tmp = folder / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"tag": tag, "files": sorted(p.name for p in folder.iterdir() if p.is_file())}))
+    os.replace(tmp, folder / COMPLETE)
+
+
+def resume_tags(out_dir: Path) -> list[str]:
+    """Complete resume states, newest first (a state cut short by a kill has no marker)."""
+    folders = [p for p in (out_dir / RESUME_DIR).glob("step_*") if (p / COMPLETE).is_file()]
+    return [p.name for p in sorted(folders, key=lambda p: int(p.name.split("_")[1]), reverse=True)]
 
 
 def latest_resume_tag(out_dir: Path) -> str | None:
-    latest = out_dir / RESUME_DIR / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    tags = resume_tags(out_dir)
+    return tags[0] if tags else None
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a line cut by the kill: dropped
 
 
 class Stopwatch:

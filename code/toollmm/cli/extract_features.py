@@ -32,7 +32,7 @@ import torch
 
 from toollmm.config import ConfigError, DataConfig, DataFile, load_config, resolve_path
 from toollmm.data.split import split_by_query
-from toollmm.data.toolmmbench import MediaRef, Record, read_toolmmbench
+from toollmm.data.toolmmbench import MediaRef, Record, media_path, read_toolmmbench
 from toollmm.features import DTYPES, FeatureCache, FrozenEncoder, default_num_workers, extract_features
 
 log = logging.getLogger("toollmm.extract_features")
@@ -52,7 +52,7 @@ def toolmmbench_media(path: Path, media_root: Path) -> list[Record]:
     records, _ = read_toolmmbench(path, media_root, missing_media="text_only")
     for record in records:
         # media_keys keep what the row wrote ("image:<path>"), missing files included.
-        record.media = [MediaRef(name, media_root / value) for name, value in (k.split(":", 1) for k in record.media_keys)]
+        record.media = [MediaRef(name, media_path(media_root, value)) for name, value in (k.split(":", 1) for k in record.media_keys)]
     return records
 
 

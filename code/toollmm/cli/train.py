@@ -38,7 +38,9 @@ from toollmm.engine import (
     deepspeed_config,
     init_distributed,
     latest_resume_tag,
+    mark_complete,
     planned_steps,
+    resume_tags,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.model.toollmm import build_model, optimizer_groups
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     seed_everything(config.train.seed + rank)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold_run_lock(out_dir)  # noqa: F841 (held until the process ends, however it ends)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
@@ -157,20 +160,18 @@ def main(argv: list[str] | None = None) -> Path:
     held_out = {}
     if len(test_set) and not config.train.resume:
         held_out["before"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0}
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite_skipped": 0}
     if config.train.resume:
-        _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=resume_tag, load_module_strict=False)
-        progress.update(client_state["progress"])
-        restore_rng(out_dir / RESUME_DIR / resume_tag, rank)
-        log.info("resumed from %s at step %d (epoch %d)", resume_tag, progress["step"], progress["epoch"])
+        progress.update(resume(engine, out_dir, rank))
 
     # ---- loop
-    metrics = MetricLogger(out_dir, enabled=is_main)
+    metrics = MetricLogger(out_dir, enabled=is_main, after_step=progress["step"])
     clock = Stopwatch()
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not is_main, desc="train")
     # loss sum, token-accuracy sum, micro-batches, then (MSE sum, runs batches) per output modality
     window = torch.zeros(3 + 2 * len(OUTPUT_MODALITIES), device=device)
     done = progress["step"] >= total_steps
+    nonfinite_in_a_row = 0
     for epoch in range(progress["epoch"], config.train.epochs):
         if done:
             break
@@ -180,9 +181,26 @@ def main(argv: list[str] | None = None) -> Path:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue  # already trained on before the resumed checkpoint
-            batch_examples, batch_tokens = len(batch.pop("record_ids")), batch.pop("real_tokens")
+            batch_ids, batch_tokens = batch.pop("record_ids"), batch.pop("real_tokens")
+            batch_examples = len(batch_ids)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = engine(**batch)
+            if not all_finite(out["loss"]):
+                # Skipped on every rank alike: no backward, no optimizer step, the data moves on.
+                progress["batches_in_epoch"] = index + 1
+                progress["nonfinite_skipped"] += 1
+                nonfinite_in_a_row += 1
+                log.warning("non-finite loss on batch %d of epoch %d (%s...): skipped (%d so far, %d in a row)", index, epoch,
+                            ", ".join(batch_ids[:3]), progress["nonfinite_skipped"], nonfinite_in_a_row)
+                if nonfinite_in_a_row >= config.train.max_nonfinite_in_a_row:
+                    raise TrainingDiverged(
+                        f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_a_row="
+                        f"{config.train.max_nonfinite_in_a_row}): stopped. The last checkpoint, "
+                        f"{last_checkpoint(out_dir) or 'none yet'}, holds the weights from before; lower the learning rate "
+                        "(train.learning_rate), check the data rows named above, then --resume or start from it."
+                    )
+                continue
+            nonfinite_in_a_row = 0
             engine.backward(out["loss"])
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves on in step())
@@ -208,6 +226,9 @@ def main(argv: list[str] | None = None) -> Path:
             }
             if device.type == "cuda":
                 record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if progress["nonfinite_skipped"]:
+                record["nonfinite_skipped"] = progress["nonfinite_skipped"]
+            record.update(loss_scale_events(engine, config))
             window.zero_()
             if progress["step"] % config.train.log_every_steps == 0:
                 metrics.log(progress["step"], record)
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.info("held-out captions (%d): %s", len(test_set), held_out)
     final = out_dir / "final"
     if is_main:
-        latest = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        latest = last_checkpoint(out_dir)  # a ".partial" folder left by a kill is not one
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(latest, final)
@@ -244,6 +265,72 @@ def main(argv: list[str] | None = None) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return final
+
+
+def hold_run_lock(out_dir: Path):
+    """An exclusive lock on the run folder for this process's life. The kernel drops it when the
+    process dies, even by SIGKILL; a second trainer on the same folder (a resume started while
+    an orphaned worker still runs) stops instead of interleaving its writes."""
+    import fcntl
+
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise ConfigError(f"another training process (pid {handle.read().strip() or '?'}) is writing to {out_dir}; "
+                          "stop it (or wait for it) before starting or resuming this run") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks must skip a step together)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def loss_scale_events(engine, config) -> dict:
+    """fp16 only: the dynamic loss scale and the optimizer steps skipped on overflow so far."""
+    if config.model.dtype != "fp16":
+        return {}
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    events = {"overflow_skipped_steps": int(getattr(engine, "skipped_steps", 0))}
+    if isinstance(scale, (int, float)):
+        events["loss_scale"] = float(scale)
+    return events
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def resume(engine, out_dir: Path, rank: int) -> dict:
+    """Load the newest complete resume state; a corrupt one is reported and the previous one used."""
+    for tag in resume_tags(out_dir):
+        try:
+            _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=tag, load_module_strict=False)
+            if client_state is None:
+                raise RuntimeError("DeepSpeed found no state under this tag")
+        except Exception as err:  # a truncated or corrupt file surfaces as any of pickle/zip/runtime errors
+            log.error("resume state %s is unreadable (%s: %s); trying the previous one", out_dir / RESUME_DIR / tag,
+                      type(err).__name__, str(err)[:200])
+            continue
+        restore_rng(out_dir / RESUME_DIR / tag, rank)
+        progress = client_state["progress"]
+        log.info("resumed from %s at step %d (epoch %d)", tag, progress["step"], progress["epoch"])
+        return progress
+    raise ConfigError(f"no readable resume state under {out_dir / RESUME_DIR}: start a new run (drop --resume)")
 
 
 def step_metrics(out: dict, device) -> torch.Tensor:
@@ -282,9 +369,13 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
         return  # the end of an epoch can coincide with a periodic save
     # The frozen base stays out of the resume state: for a 7B model it would add 13+ GB per save.
     engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)},
-                           exclude_frozen_parameters=True)
+                           exclude_frozen_parameters=True, save_latest=False)
     save_rng(out_dir / RESUME_DIR / tag, dist.get_rank())
+    dist.barrier()
     if is_main:
+        # Only now is the state whole on every rank: a run killed before this line resumes
+        # from the previous state.
+        mark_complete(out_dir, tag)
         save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
                         cache.root.name)
         prune(out_dir, config.train.keep_last)
@@ -295,9 +386,13 @@ def prune(out_dir: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` checkpoints and resume states."""
     if keep_last < 1:
         return
-    for pattern, parse in (("checkpoint-*", lambda p: int(p.name.split("-")[1])), (f"{RESUME_DIR}/step_*", lambda p: int(p.name.split("_")[1]))):
-        folders = sorted((p for p in out_dir.glob(pattern) if p.is_dir() and not p.name.endswith(".partial")), key=parse)
-        for old in folders[:-keep_last]:
+    checkpoints = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
+                         key=lambda p: int(p.name.split("-")[1]))
+    keep = set(checkpoints[-keep_last:])
+    keep |= {out_dir / RESUME_DIR / tag for tag in resume_tags(out_dir)[:keep_last]}
+    # Everything else goes, including resume states a killed run left without their marker.
+    for old in checkpoints + [p for p in (out_dir / RESUME_DIR).glob("step_*") if p.is_dir()]:
+        if old not in keep:
             shutil.rmtree(old)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from toollmm.config import DataConfig, resolve_path
 from toollmm.data.split import Query, group_queries, split_by_query
-from toollmm.data.toolmmbench import DataReport, Record, read_toolmmbench, tool_catalogue
+from toollmm.data.toolmmbench import DataFileError, DataReport, Record, read_toolmmbench, skip_file, tool_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,11 @@ def load_splits(config: DataConfig) -> Splits:
         records = []
         for entry in entries:
             path, media_root = resolve_path(entry.path), resolve_path(entry.media_root)
-            rows, file_report = read_toolmmbench(path, media_root, config.missing_media)
+            try:
+                rows, file_report = read_toolmmbench(path, media_root, config.missing_media)
+            except DataFileError as err:
+                skip_file(report, err)
+                continue
             log.info("%s:\n%s", path, file_report.summary())
             report.merge(file_report)
             records += rows

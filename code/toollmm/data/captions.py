@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from toollmm.data.toolmmbench import DataReport, MediaRef, read_json_rows
+from toollmm.data.toolmmbench import NOT_UTF8, OUTSIDE_ROOT, DataReport, MediaRef, has_replacement, media_path, read_json_rows
 
 MEDIA_TAGS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 
@@ -86,11 +86,15 @@ def _parse(row, modality: str) -> tuple[Kind, str, str, str, str] | str:
 
 def read_caption_file(path: Path, media_root: Path, modality: str, need_media: bool) -> tuple[list[CaptionRecord], DataReport]:
     """Read one caption file. ``need_media``: rows whose medium is missing are skipped (counted)."""
-    rows = read_json_rows(path, "caption rows")
+    rows, lossy = read_json_rows(path, "caption rows")
     report = DataReport(rows=len(rows))
     records = []
     for index, row in enumerate(rows):
         where = f"{Path(path).name} row {index}"
+        if lossy and has_replacement(row):
+            report.skipped[NOT_UTF8] += 1
+            report.note(NOT_UTF8, where)
+            continue
         parsed = _parse(row, modality)
         if isinstance(parsed, str):
             report.skipped["malformed row"] += 1
@@ -99,12 +103,16 @@ def read_caption_file(path: Path, media_root: Path, modality: str, need_media: b
         kind, name, caption, prompt, response = parsed
         media = []
         if kind != "generation":
-            media_path = Path(media_root) / name
-            if media_path.is_file():
-                media = [MediaRef(modality, media_path)]
+            media_file = media_path(media_root, name)
+            if media_file is None:
+                report.skipped[OUTSIDE_ROOT] += 1
+                report.note(OUTSIDE_ROOT, f"{where}: {name!r} resolves outside {media_root}: refused")
+                continue
+            if media_file.is_file():
+                media = [MediaRef(modality, media_file)]
             elif need_media:
                 report.skipped["missing media"] += 1
-                report.note("missing media", f"{where}: {media_path}")
+                report.note("missing media", f"{where}: {media_file}")
                 continue
         records.append(CaptionRecord(f"{Path(path).stem}/{index}", modality, kind, caption, f"{name}.npy",
                                      media, prompt, response))

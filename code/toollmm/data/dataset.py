@@ -78,15 +78,18 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.skipped: Counter = Counter()
         for item in items:
             tokens = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len)
-            if signal is not None:
+            problem = None
+            if all(label == IGNORE_INDEX for label in tokens.labels):
+                problem = "answer cut entirely by max_tgt_len (over-long query)"
+            elif signal is not None:
                 problem = self._run_problem(tokens, item, tokenizer, signal)
-                if problem:
-                    self.skipped[problem] += 1
-                    if report is not None:
-                        report.skipped[problem] += 1
-                        report.used -= 1
-                        report.note(problem, item.id)
-                    continue
+            if problem:
+                self.skipped[problem] += 1
+                if report is not None:
+                    report.skipped[problem] += 1
+                    report.used -= 1
+                    report.note(problem, item.id)
+                continue
             self.truncated += tokens.truncated
             self.examples.append(
                 Example(

@@ -23,7 +23,7 @@ from pathlib import Path
 from toollmm.config import ConfigError, RunConfig, embedding_shape, resolve_path
 from toollmm.data.captions import MEDIA_TAGS, CaptionRecord, read_caption_file
 from toollmm.data.split import in_test_split
-from toollmm.data.toolmmbench import DataReport, MediaRef
+from toollmm.data.toolmmbench import DataFileError, DataReport, MediaRef, skip_file
 from toollmm.prompts import STOP_STRING
 from toollmm.signal_tokens import run_text
 
@@ -71,7 +71,11 @@ def _read(config: RunConfig, entries, need_media: bool, report: DataReport) -> l
         path = resolve_path(entry.path)
         if not path.is_file():
             raise ConfigError(f"caption file {path} does not exist (data.caption_files / data.instruction_files path)")
-        records, file_report = read_caption_file(path, resolve_path(entry.media_root), entry.modality, need_media)
+        try:
+            records, file_report = read_caption_file(path, resolve_path(entry.media_root), entry.modality, need_media)
+        except DataFileError as err:
+            skip_file(report, err)
+            continue
         log.info("%s:\n%s", path, file_report.summary())
         report.merge(file_report)
         store = open_embeddings(resolve_path(entry.embeddings_dir), config, entry.modality) if entry.embeddings_dir else None

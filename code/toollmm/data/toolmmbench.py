@@ -93,15 +93,58 @@ class DataReport:
         }
 
 
-def read_json_rows(path: Path, what: str) -> list:
-    """A data file's JSON list, or a ValueError naming the file and what it should hold."""
+def read_json_rows(path: Path, what: str) -> tuple[list, bool]:
+    """A data file's JSON list, and whether its bytes were not valid UTF-8.
+
+    Undecodable bytes become U+FFFD so the rest of the file stays readable; the readers then
+    skip (and count) the rows that hold one. A file that is not a JSON list at all raises a
+    ``DataFileError`` naming it (the caller counts and skips the file).
+    """
+    raw = Path(path).read_bytes()
     try:
-        rows = json.loads(Path(path).read_text())
+        text, lossy = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, lossy = raw.decode("utf-8", errors="replace"), True
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of {what}") from err
+        raise DataFileError(f"{path}: not valid JSON ({err}); expected a list of {what}") from err
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(rows).__name__}")
-    return rows
+        raise DataFileError(f"{path}: expected a JSON list of {what}, got {type(rows).__name__}")
+    return rows, lossy
+
+
+NOT_UTF8 = "text is not valid UTF-8"
+
+
+def has_replacement(row) -> bool:
+    """Whether a row read from a non-UTF-8 file holds one of the replaced bytes."""
+    return "\ufffd" in json.dumps(row, ensure_ascii=False)
+
+
+def media_path(media_root: Path, value: str) -> Path | None:
+    """``media_root / value`` when it stays inside ``media_root`` (links resolved), else None:
+    a data file may not point at ``../../etc/passwd``, an absolute path or a link out."""
+    root = Path(media_root).resolve()
+    path = (root / value).resolve()
+    return path if path.is_relative_to(root) else None
+
+
+OUTSIDE_ROOT = "media path outside media_root"
+
+
+class DataFileError(ValueError):
+    """A whole data file is unreadable (not JSON, not a list)."""
+
+
+UNREADABLE_FILE = "unreadable data file (whole file)"
+
+
+def skip_file(report: "DataReport", err: DataFileError) -> None:
+    """Count a data file that cannot be read at all; training goes on with the other files."""
+    log.error("skipped a whole data file: %s", err)
+    report.skipped[UNREADABLE_FILE] += 1
+    report.note(UNREADABLE_FILE, str(err))
 
 
 class MissingMediaError(FileNotFoundError):
@@ -139,11 +182,15 @@ def read_toolmmbench(
     path: Path, media_root: Path, missing_media: str = "skip"
 ) -> tuple[list[Record], DataReport]:
     """Read one ToolMMBench JSON file. ``missing_media``: skip | text_only | error."""
-    rows = read_json_rows(path, "ToolMMBench rows")
+    rows, lossy = read_json_rows(path, "ToolMMBench rows")
     report = DataReport(rows=len(rows))
     records = []
     for index, row in enumerate(rows):
         where = f"{path.name} row {index}" + (f" (id {row.get('id')})" if isinstance(row, dict) else "")
+        if lossy and has_replacement(row):
+            report.skipped[NOT_UTF8] += 1
+            report.note(NOT_UTF8, where)
+            continue
         problem = _problem(row)
         if problem:
             report.skipped["malformed row"] += 1
@@ -153,13 +200,20 @@ def read_toolmmbench(
         tools = turns[1]["value"]
         tools = [tools] if isinstance(tools, str) else tools
         modality = row.get("input_modality", turns[0].get("input_modality", "text"))
-        media_refs, media_keys = [], []
+        media_refs, media_keys, outside = [], [], None
         # Several media in one row are allowed (their features are summed, as the original did).
         for name, spec in MODALITIES.items():
             value = row.get(spec.row_key)
             if isinstance(value, str) and value:
                 media_keys.append(f"{name}:{value}")
-                media_refs.append(MediaRef(name, media_root / value))
+                media_file = media_path(media_root, value)
+                if media_file is None:
+                    outside = value
+                media_refs.append(MediaRef(name, media_file))
+        if outside is not None:
+            report.skipped[OUTSIDE_ROOT] += 1
+            report.note(OUTSIDE_ROOT, f"{where}: {outside!r} resolves outside {media_root}: refused")
+            continue
         missing = [m for m in media_refs if not m.path.is_file()]
         if missing:
             if missing_media == "error":
