@@ -383,3 +383,17 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
     assert other.returncode != 0 and f"another training process (pid {os.getpid()}) is writing to" in other.stderr
     first.close()  # released (as on any exit, SIGKILL included)
     assert subprocess.run([sys.executable, "-c", script]).returncode == 0
+
+
+def test_fp16_loss_scale_events_reach_the_metrics():
+    """DeepSpeed's fp16 path does not run on a CPU ("Type fp16 is not supported on your device"),
+    so this checks the reading of the attributes its ZeRO optimizer and engine expose
+    (``optimizer.cur_scale``, ``engine.skipped_steps``) on a stand-in."""
+    from types import SimpleNamespace
+
+    from toollmm.cli.train import loss_scale_events
+
+    engine = SimpleNamespace(optimizer=SimpleNamespace(cur_scale=32768.0), skipped_steps=2)
+    fp16 = load_config(3, overrides=["model.dtype=fp16"])
+    assert loss_scale_events(engine, fp16) == {"overflow_skipped_steps": 2, "loss_scale": 32768.0}
+    assert loss_scale_events(engine, load_config(3)) == {}
