@@ -103,6 +103,7 @@ def test_sigkill_then_resume_continues_exactly(uninterrupted, tmp_path):
     killed_at = max(r["step"] for r in metrics(run))
     result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", *RUN, "--resume")
     assert_same_run(run, uninterrupted)
+    assert not list(run.glob("*.partial")) and all((p / "complete").is_file() for p in (run / "resume").glob("step_*"))
     resumed_from = result.stderr.split("resumed from ", 1)[1].split(" ")[0]
     print(f"SIGKILL after logging step {killed_at}; resumed from {resumed_from}; steps 1-14 equal the uninterrupted run")
 

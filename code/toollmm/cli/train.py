@@ -390,8 +390,10 @@ def prune(out_dir: Path, keep_last: int) -> None:
                          key=lambda p: int(p.name.split("-")[1]))
     keep = set(checkpoints[-keep_last:])
     keep |= {out_dir / RESUME_DIR / tag for tag in resume_tags(out_dir)[:keep_last]}
-    # Everything else goes, including resume states a killed run left without their marker.
-    for old in checkpoints + [p for p in (out_dir / RESUME_DIR).glob("step_*") if p.is_dir()]:
+    # Everything else goes, including what a killed run left half-written: resume states without
+    # their marker and ".partial" checkpoint folders.
+    stale = [p for p in (out_dir / RESUME_DIR).glob("step_*") if p.is_dir()] + list(out_dir.glob("checkpoint-*.partial"))
+    for old in checkpoints + stale:
         if old not in keep:
             shutil.rmtree(old)
 
