@@ -6,17 +6,13 @@ the first ``decode``. The output projector's tensor goes in as ``prompt_embeds``
 negative embedding for classifier-free guidance is the pipeline's own encoding of the empty
 prompt, as the pipelines compute it when NExT-GPT passes no negative prompt.
 
-Videos are written as H.264 MP4 through PyAV when it is installed (``pip install av``).
-Without it (the default environment has neither PyAV, imageio nor OpenCV, and torchvision 0.26
-no longer writes video) frames go into a Motion-JPEG MP4 written here: every player built on
-FFmpeg (decord, VLC, mpv) reads it, browsers do not.
+Videos are written as H.264 MP4 (yuv420p, what browsers play) through PyAV (``av`` in
+requirements.txt; torchvision 0.26 no longer writes video).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +127,9 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
-    """(frames, H, W, 3) uint8 → an MP4: H.264 with PyAV when installed, else Motion-JPEG."""
-    try:
-        import av
-    except ImportError:
-        return write_mjpeg_mp4(frames, path, fps)
+    """(frames, H, W, 3) uint8 → an H.264 MP4 (PyAV)."""
+    import av
+
     height, width = frames.shape[1:3]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -146,62 +140,3 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
             container.mux(stream.encode(picture))
         container.mux(stream.encode())
     return path
-
-
-def _box(kind: bytes, *parts: bytes) -> bytes:
-    payload = b"".join(parts)
-    return struct.pack(">I", 8 + len(payload)) + kind + payload
-
-
-def _full_box(kind: bytes, version: int, flags: int, *parts: bytes) -> bytes:
-    return _box(kind, struct.pack(">I", (version << 24) | flags), *parts)
-
-
-def _descriptor(tag: int, payload: bytes) -> bytes:
-    return bytes([tag, len(payload)]) + payload  # every payload here is under 128 bytes
-
-
-_MATRIX = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
-
-
-def write_mjpeg_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
-    """An ISO MP4 whose one track holds each frame as a JPEG (ISO/IEC 14496-14 object type 0x6C),
-    the index (``moov``) first so players can start before the end arrives."""
-    from PIL import Image
-
-    jpegs = []
-    for frame in frames:
-        buffer = io.BytesIO()
-        Image.fromarray(frame).save(buffer, format="JPEG", quality=95, subsampling=2)
-        jpegs.append(buffer.getvalue())
-    height, width = frames.shape[1:3]
-    timescale, delta = fps * 1000, 1000
-    duration_ms = len(jpegs) * 1000 // fps
-    es = _descriptor(3, struct.pack(">HB", 1, 0)
-                     + _descriptor(4, struct.pack(">BB3sII", 0x6C, 0x11, b"\0\0\0", 0, 0))
-                     + _descriptor(6, b"\x02"))
-    sample_entry = _box(b"mp4v", b"\0" * 6, struct.pack(">H", 1), b"\0" * 16, struct.pack(">HHIIIH", width, height,
-                        0x480000, 0x480000, 0, 1), b"\0" * 32, struct.pack(">Hh", 0x18, -1), _full_box(b"esds", 0, 0, es))
-
-    def moov(chunk_offset: int) -> bytes:
-        stbl = _box(b"stbl",
-                    _full_box(b"stsd", 0, 0, struct.pack(">I", 1), sample_entry),
-                    _full_box(b"stts", 0, 0, struct.pack(">III", 1, len(jpegs), delta)),
-                    _full_box(b"stsc", 0, 0, struct.pack(">IIII", 1, 1, len(jpegs), 1)),
-                    _full_box(b"stsz", 0, 0, struct.pack(">II", 0, len(jpegs)), *(struct.pack(">I", len(j)) for j in jpegs)),
-                    _full_box(b"stco", 0, 0, struct.pack(">II", 1, chunk_offset)))
-        minf = _box(b"minf", _full_box(b"vmhd", 0, 1, b"\0" * 8),
-                    _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack(">I", 1), _full_box(b"url ", 0, 1))), stbl)
-        mdia = _box(b"mdia",
-                    _full_box(b"mdhd", 0, 0, struct.pack(">IIIIHH", 0, 0, timescale, len(jpegs) * delta, 0x55C4, 0)),
-                    _full_box(b"hdlr", 0, 0, struct.pack(">I4s12s", 0, b"vide", b""), b"VideoHandler\0"), minf)
-        tkhd = _full_box(b"tkhd", 0, 3, struct.pack(">IIIII", 0, 0, 1, 0, duration_ms), b"\0" * 8,
-                         struct.pack(">hhhH", 0, 0, 0, 0), _MATRIX, struct.pack(">II", width << 16, height << 16))
-        mvhd = _full_box(b"mvhd", 0, 0, struct.pack(">IIIIIH", 0, 0, 1000, duration_ms, 0x10000, 0x100), b"\0" * 10,
-                         _MATRIX, b"\0" * 24, struct.pack(">I", 2))
-        return _box(b"moov", mvhd, _box(b"trak", tkhd, mdia))
-
-    ftyp = _box(b"ftyp", b"isom", struct.pack(">I", 0x200), b"isomiso2mp41")
-    offset = len(ftyp) + len(moov(0)) + 8  # the first JPEG starts after mdat's header
-    Path(path).write_bytes(ftyp + moov(offset) + _box(b"mdat", *jpegs))
-    return Path(path)
