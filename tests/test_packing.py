@@ -146,3 +146,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_answer_only_logits_give_the_same_loss_and_gradients(setup, tuning):
+    _, tokenizer, examples = setup
+    config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "model.outputs.enabled=true",
+                                       f"model.tuning={tuning}", "model.lora.dropout=0.0",
+                                       "model.outputs.projector.hidden_size=64", "model.outputs.projector.ffn_size=128",
+                                       "model.outputs.projector.encoder_layers=1", "model.outputs.projector.decoder_layers=1"])
+    signal = add_signal_tokens(tokenizer, config.model.outputs)
+    batch = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, 96)(examples)
+    batch.pop("record_ids"), batch.pop("real_tokens")
+    results = []
+    for answer_only in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config.model, ENCODER_DIM, stage=3, signal=signal)
+        model.answer_logits_only = answer_only
+        out = model(**batch)
+        out["loss"].backward()
+        assert ("logits" in out) != answer_only
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}))
+    (full, full_grads), (answers, answer_grads) = results
+    for key in ("loss", "token_accuracy", "mse_image"):
+        torch.testing.assert_close(answers[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert full_grads.keys() == answer_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(answer_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -205,6 +205,8 @@ class TrainConfig:
     """Continue from the newest resumable state in output_dir."""
     num_workers: int = 0
     log_every_steps: int = 1
+    answer_logits_only: bool = True
+    """Run the LM head on the answer positions only (same loss, less memory and compute)."""
     max_nonfinite_in_a_row: int = 10
     """Micro-batches with a non-finite loss are skipped (counted in metrics); this many in a row stop the run."""
     offload_optimizer: bool = False

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     import deepspeed
 
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
+    model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing:
         # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

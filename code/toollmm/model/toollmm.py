@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -41,6 +41,9 @@ class ToolLMM(nn.Module):
         self.outputs_config = config.outputs if config is not None else None
         self.parts: set[str] = set()
         """What trains (``trainable_parts``), set by ``set_trainable``."""
+        self.answer_logits_only = False
+        """Training speed-up (``train.answer_logits_only``): with labels, the LM head runs on the
+        answer positions only and no full logits are returned."""
 
     def embed_inputs(self, input_ids: torch.Tensor, slot_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with each media slot replaced by its projected feature.
@@ -76,16 +79,25 @@ class ToolLMM(nn.Module):
         (one target per run, runs in row-major order). Packed rows (``PackingCollator``) come
         with ``position_ids`` and no ``attention_mask``."""
         targets = {m: t for m, t in zip(OUTPUT_MODALITIES, (target_image, target_video, target_audio)) if t is not None}
+        if targets and labels is None:
+            raise ValueError("caption-embedding targets need labels (they locate the signal-token runs)")
         embeds = self.embed_inputs(input_ids, slot_features)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                       output_hidden_states=bool(targets))
-        result = {"logits": out.logits}
-        if labels is not None:
-            result.update(causal_lm_loss(out.logits, labels))
+        if labels is not None and self.answer_logits_only:
+            # The answer is a few tokens of each row: the LM head (and its fp32 logits, 32000
+            # wide for Vicuna) runs there only. Same loss; the last-layer states are the body's output.
+            causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm  # LoRA stays injected
+            hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state
+            result = answer_loss(causal_lm.get_output_embeddings(), hidden, labels)
+        else:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                           output_hidden_states=bool(targets))
+            hidden = out.hidden_states[-1] if targets else None
+            result = {"logits": out.logits}
+            if labels is not None:
+                result.update(causal_lm_loss(out.logits, labels))
         for modality, target in targets.items():
-            if labels is None:
-                raise ValueError("caption-embedding targets need labels (they locate the signal-token runs)")
-            prediction = self.project_runs(modality, out.hidden_states[-1], embeds, labels)
+            prediction = self.project_runs(modality, hidden, embeds, labels)
             if prediction.shape[0] != target.shape[0]:
                 raise ValueError(f"batch has {prediction.shape[0]} {modality} signal-token runs but {target.shape[0]} caption embeddings")
             target = target.to(prediction.dtype).reshape(prediction.shape)
@@ -117,6 +129,19 @@ def alignment_losses(prediction: torch.Tensor, target: torch.Tensor) -> dict[str
     the name MSE); mse: mean squared error over every element."""
     diff = prediction.float() - target.float()
     return {"l2": diff.pow(2).sum(-1).sqrt().mean(), "mse": diff.pow(2).mean()}
+
+
+def answer_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``causal_lm_loss`` computed from the last-layer states at the answer positions only."""
+    shift_labels = labels[:, 1:]
+    answer = shift_labels != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][answer]).float()
+    targets = shift_labels[answer]
+    if not len(targets):  # no answer token in the batch: a zero loss that still reaches the graph
+        return {"loss": hidden.sum() * 0.0, "token_accuracy": torch.zeros((), device=hidden.device)}
+    with torch.no_grad():
+        token_accuracy = (logits.argmax(-1) == targets).float().mean()
+    return {"loss": F.cross_entropy(logits, targets), "token_accuracy": token_accuracy}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
