@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_random_llm beside this file
-from make_random_llm import PRESETS  # noqa: E402  (the Vicuna shapes, defined once)
+from make_random_llm import PRESETS  # beside this script (on the path when run as a script): the Vicuna shapes, defined once
 
-from toollmm.config import OutputModalityConfig, OutputProjectorConfig, OutputsConfig  # noqa: E402
-from toollmm.model.projectors import build_output_projector  # noqa: E402
-from toollmm.model.toollmm import ToolLMM  # noqa: E402
-from toollmm.signal_tokens import PREFIXES, SignalTokens, token_names  # noqa: E402
-from toollmm.tiny_decoders import CLIP_END, clip_tokenizer  # noqa: E402
+from toollmm.config import OutputModalityConfig, OutputProjectorConfig, OutputsConfig
+from toollmm.model.projectors import build_output_projector
+from toollmm.model.toollmm import ToolLMM
+from toollmm.signal_tokens import PREFIXES, SignalTokens, token_names
+from toollmm.tiny_decoders import CLIP_END, clip_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

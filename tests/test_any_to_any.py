@@ -259,18 +259,20 @@ def test_inference_cli_prompt_mode(checkpoint, tmp_path):
                         str(tmp_path), "--output", str(output)])
 
 
-def load_bench():
+@pytest.fixture()
+def bench(monkeypatch):
+    """The bench script as its command line loads it: its folder (make_random_llm) on the path."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("any_to_any_gpu", ROOT / "bench" / "any_to_any_gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_configs_have_the_published_shapes():
+def test_bench_configs_have_the_published_shapes(bench):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    bench = load_bench()
     with torch.device("meta"):  # shapes only: no memory, no init time
         counts = [sum(p.numel() for p in m.parameters()) for m in (
             UNet2DConditionModel(**bench.unet_config("full")), AutoencoderKL(**bench.vae_config("full")),
@@ -280,8 +282,8 @@ def test_bench_configs_have_the_published_shapes():
 
 
 @pytest.mark.slow
-def test_bench_runs_end_to_end_with_tiny_shapes(tmp_path):
-    result = load_bench().main(["--tiny", "--out", str(tmp_path)])
+def test_bench_runs_end_to_end_with_tiny_shapes(bench, tmp_path):
+    result = bench.main(["--tiny", "--out", str(tmp_path)])
     assert result["conditioning_shape"] == [1, 77, 32] and result["image_size"] == [32, 32]
     assert set(result["seconds"]) == {"build_llm", "build_decoder", "llm_generate", "hidden_states_and_projector",
                                       "negative_embeds", "diffusion"}

@@ -83,8 +83,7 @@ def test_stage_2_through_deepspeed_leaves_the_base_vocabulary_rows(chain):
 
     base = load_file(TINY_LLM / "model.safetensors")
     state_file = sorted((chain / "stage_2" / "resume").glob("step_*/mp_rank_00_model_states.pt"))[-1]
-    # Our own file, written by this test's run (DeepSpeed's format holds non-tensor objects).
-    module = torch.load(state_file, weights_only=False, map_location="cpu")["module"]
+    module = torch.load(state_file, weights_only=True, map_location="cpu")["module"]
     for name, base_name in (("llm.model.embed_tokens.weight", "model.embed_tokens.weight"), ("llm.lm_head.weight", "lm_head.weight")):
         trained = module[name]
         assert trained.shape[0] == 3038
