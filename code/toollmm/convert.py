@@ -33,7 +33,7 @@ from toollmm.checkpoint import save_checkpoint
 from toollmm.config import RunConfig, resolve_path
 from toollmm.features import encoder_identity
 from toollmm.model.imagebind import ImageBindConfig
-from toollmm.model.toollmm import build_model, is_trainable, load_trainable_state
+from toollmm.model.toollmm import build_model, checkpoint_tensors, load_trainable_state
 from toollmm.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,9 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
 
 
 def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path) -> None:
-    """Exactly the model's trainable names, with its shapes; names are reported as the delta spells them."""
-    expected = {name for name in own if is_trainable(name, "lora")}
+    """Exactly the model's checkpoint names (``checkpoint_tensors``), with its shapes; names are
+    reported as the delta spells them."""
+    expected = set(own)
     missing, extra = expected - set(mapped), set(mapped) - expected
     problems = []
     if missing:
@@ -211,7 +212,7 @@ def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
     dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
     log.info("loading the base LLM from %s (%s)", resolve_path(config.model.llm_path), dtype)
     model = build_model(config.model, encoder_dim, dtype=dtype)
-    check_against_model(mapped, model.state_dict(), delta_path)
+    check_against_model(mapped, checkpoint_tensors(model), delta_path)
     load_trainable_state(model, mapped, delta_path)
 
     step = STEP_IN_NAME.search(delta_path.name)

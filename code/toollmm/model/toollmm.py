@@ -222,13 +222,9 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
     return model
 
 
-def is_trainable(name: str, parts: set[str] | str) -> bool:
-    """Whether parameter ``name`` trains, for ``trainable_parts`` (or a tuning name: stage 3 without outputs).
-
-    The signal-token rows are not a parameter of their own: ``set_trainable`` handles them.
-    """
-    if isinstance(parts, str):
-        parts = {"input_projector", "lora" if parts == "lora" else "llm"}
+def is_trainable(name: str, parts: set[str]) -> bool:
+    """Whether parameter ``name`` trains, for ``trainable_parts``. The signal-token rows are not
+    a parameter of their own: ``set_trainable`` handles them."""
     if name.startswith("input_projector."):
         return "input_projector" in parts
     if name.startswith("output_projectors."):
@@ -268,13 +264,13 @@ def optimizer_groups(model: ToolLMM) -> list[dict]:
     return groups
 
 
-def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
-    """Everything the base LLM checkpoint does not hold: both projectors, the signal-token rows,
-    and the LLM weights that train (LoRA, or all of them with ``tuning: full``).
+def checkpoint_tensors(model: ToolLMM) -> dict[str, torch.Tensor]:
+    """Everything the base LLM checkpoint does not hold, as live views: both projectors, the
+    signal-token rows, and the LLM weights that train (LoRA, or all of them with ``tuning: full``).
 
-    Frozen parts are saved too, so each stage's checkpoint is complete on its own (stage 2's
+    Frozen parts are included, so each stage's checkpoint is complete on its own (stage 2's
     carries stage 1's input projector). Vocabulary matrices that train only in their signal
-    rows are saved as those rows (for a 7B model the matrices would add 0.5 GB per save).
+    rows are included as those rows (for a 7B model the matrices would add 0.5 GB per save).
     """
     vocab = {id(w) for w in model.vocab_weights()} if "llm" not in model.parts else set()
     state = {}
@@ -285,22 +281,27 @@ def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
             state[name] = param
     if model.signal is not None:
         base = model.signal.base_vocab_size
-        # Copies: with ``tuning: full`` the whole matrices are saved too, and safetensors
-        # refuses tensors that share memory.
-        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:].clone()
-        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:].clone()
-    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
+        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:]
+        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:]
+    return state
 
 
-def checkpoint_keys(model: ToolLMM) -> set[str]:
-    return set(checkpoint_state(model))
+def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
+    """``checkpoint_tensors`` copied to the CPU, ready to save. The signal rows are their own
+    copies: with ``tuning: full`` the whole matrices are saved too, and safetensors refuses
+    tensors that share memory."""
+    state = {name: t.detach().cpu().contiguous() for name, t in checkpoint_tensors(model).items()}
+    for name in SIGNAL_ROWS:
+        if name in state:
+            state[name] = state[name].clone()
+    return state
 
 
 def load_trainable_state(model: ToolLMM, state: dict[str, torch.Tensor], source: Path, partial: bool = False) -> list[str]:
-    """Load checkpoint weights. Exactly ``checkpoint_keys(model)`` must be present, unless
+    """Load checkpoint weights. Exactly the names of ``checkpoint_tensors(model)`` must be present, unless
     ``partial`` (starting a stage from the previous one's checkpoint): then the checkpoint may
     lack keys (returned: they start fresh) but may not hold keys this model lacks."""
-    own = checkpoint_state(model)
+    own = checkpoint_tensors(model)  # names and shapes only: no copy of (possibly all) the LLM's weights
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if unexpected or (missing and not partial):
