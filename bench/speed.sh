@@ -6,8 +6,11 @@
 #   (b) bench/speed_fast.yaml: bf16, SDPA, Adam on the GPU, packed rows, micro-batch 64
 # Run from the repo root on the device with .whl and .devdata carried (bench/README.md):
 #   STEPS=40 PRESET=vicuna-7b bash bench/speed.sh
-# Writes $OUT/{published,fast}/{metrics.jsonl,summary.json} and prints one table.
+# Writes $OUT/<setting>/{metrics.jsonl,summary.json} and prints one table.
 # Two GPUs: NPROC=2 bash bench/speed.sh (DeepSpeed data parallel; compare with NPROC=1).
+# SETTINGS picks the runs (default "published fast"); VARIANTS adds fast-path runs with their own
+# overrides, ';'-separated NAME=OVERRIDES, e.g.
+#   SETTINGS=fast VARIANTS="padded128=train.packing=false train.micro_batch_size=128" bash bench/speed.sh
 set -euo pipefail
 OUT=${OUT:-/tmp/speed_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-40}
@@ -22,18 +25,30 @@ python3 -m toollmm.tiny --data-dir .devdata/data
 [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --tokenizer pretrained_checkpoint/LLM_ckpt/tiny_llama
 layers=(--config code/config/tiny.yaml --config bench/gpu_smoke.yaml)
 python3 code/extract_features.py --split train "${layers[@]}" >/dev/null  # cache first: not timed
-for setting in published fast; do
-  rm -rf "/tmp/speed_$setting"
-  PYTHON=python3 bash scripts/train.sh --stage 3 "${layers[@]}" --config "bench/speed_$setting.yaml" model.llm_path="$LLM" \
-    train.output_dir="/tmp/speed_$setting" train.max_steps="$STEPS" train.max_time_s=420 train.epochs=5 "$@"
-  mkdir -p "$OUT/$setting"; cp "/tmp/speed_$setting/metrics.jsonl" "/tmp/speed_$setting/config.yaml" "$OUT/$setting/"
-  python3 bench/summarize_metrics.py "/tmp/speed_$setting/metrics.jsonl" --warmup 3 --params "$PARAMS" --json "$OUT/$setting/summary.json"
+run_setting() {  # name, config layer, overrides...
+  local name=$1 layer=$2; shift 2
+  rm -rf "/tmp/speed_$name"
+  PYTHON=python3 bash scripts/train.sh --stage 3 "${layers[@]}" --config "$layer" model.llm_path="$LLM" \
+    train.output_dir="/tmp/speed_$name" train.max_steps="$STEPS" train.max_time_s=420 train.epochs=5 "$@" \
+    || { echo "=== $name failed (out of memory?): left out of the table"; rm -rf "/tmp/speed_$name"; return 0; }
+  mkdir -p "$OUT/$name"; cp "/tmp/speed_$name/metrics.jsonl" "/tmp/speed_$name/config.yaml" "$OUT/$name/"
+  python3 bench/summarize_metrics.py "/tmp/speed_$name/metrics.jsonl" --warmup 3 --params "$PARAMS" --json "$OUT/$name/summary.json"
+  rm -rf "/tmp/speed_$name"  # checkpoints: not needed, and a 7B run's add up
+  names+=("$name")
+}
+names=()
+for setting in ${SETTINGS:-published fast}; do run_setting "$setting" "bench/speed_$setting.yaml" "$@"; done
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+for variant in "${variants[@]}"; do
+  [ -n "$variant" ] || continue
+  read -ra overrides <<< "${variant#*=}"
+  run_setting "${variant%%=*}" bench/speed_fast.yaml "$@" "${overrides[@]}"
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${names[@]}" <<'PY'
 import json, sys
-rows = {s: json.load(open(f"{sys.argv[1]}/{s}/summary.json")) for s in ("published", "fast")}
-keys = ["samples_per_s_over_span", "real_tokens_per_s", "mfu_4n", "peak_memory_gib", "loss_mean_first5", "loss_mean_last5"]
-print(f"{'':26}" + "".join(f"{s:>14}" for s in rows))
+rows = {s: json.load(open(f"{sys.argv[1]}/{s}/summary.json")) for s in sys.argv[2:]}
+keys = ["samples_per_s_over_span", "real_tokens_per_s", "mfu_4n", "mfu_4n_vs_790", "peak_memory_gib", "loss_mean_first5", "loss_mean_last5"]
+print(f"{'':26}" + "".join(f"{s:>14}" for s in rows))  # names up to 13 characters
 for k in keys:
     print(f"{k:26}" + "".join(f"{rows[s].get(k, '-')!s:>14}" for s in rows))
 PY

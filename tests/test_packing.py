@@ -96,6 +96,26 @@ def test_packed_rows_give_the_padded_per_example_losses(setup):
     torch.testing.assert_close(packed_out["mse_image"], padded_out["mse_image"], atol=1e-5, rtol=0)
 
 
+def test_right_padding_needs_no_attention_mask(setup):
+    """The collator passes no mask (so SDPA can take its causal kernel): the per-example
+    losses equal those of the same batch with the padding masked out, and of each example alone."""
+    model, tokenizer, examples = setup
+    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(examples)
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    assert lengths.min() < batch["input_ids"].shape[1]  # some rows are padded
+    masked_batch = dict(batch, attention_mask=(torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long())
+    unmasked, unmasked_out = per_example_losses(model, batch, examples)
+    masked, masked_out = per_example_losses(model, masked_batch, examples)
+    collate = Collator(tokenizer.pad_token_id, ENCODER_DIM)
+    for e in examples:
+        alone = per_example_losses(model, collate([e]), [e])[0][e.record_id]
+        assert unmasked[e.record_id] == pytest.approx(masked[e.record_id], abs=1e-5), e.record_id
+        assert unmasked[e.record_id] == pytest.approx(alone, abs=1e-4), e.record_id
+    torch.testing.assert_close(unmasked_out["loss"], masked_out["loss"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(unmasked_out["mse_image"], masked_out["mse_image"], atol=1e-6, rtol=0)
+
+
 def test_packing_wastes_fewer_tokens(setup):
     _, tokenizer, examples = setup
     real = sum(len(e.input_ids) for e in examples)

@@ -123,8 +123,14 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right padding (pad = EOS, as the original), attention mask from the true lengths, and
-    the caption embeddings of each output modality in row order (``target_<modality>``)."""
+    """Right padding (pad = EOS, as the original) and the caption embeddings of each output
+    modality in row order (``target_<modality>``).
+
+    No attention mask: under causal attention a real token never sees the padding to its right,
+    so the mask changes nothing that the loss reads (the padding's own outputs carry no label).
+    Without it SDPA runs its causal flash kernel; with it, transformers builds a 4-D mask and
+    SDPA falls back to a slower masked kernel (tests/test_packing.py checks the losses match).
+    """
 
     def __init__(self, pad_token_id: int, feature_dim: int):
         self.pad_token_id = pad_token_id
@@ -134,12 +140,10 @@ class Collator:
         input_ids = pad_sequence([e.input_ids for e in examples], batch_first=True, padding_value=self.pad_token_id)
         labels = pad_sequence([e.labels for e in examples], batch_first=True, padding_value=IGNORE_INDEX)
         lengths = torch.tensor([len(e.input_ids) for e in examples])
-        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         features = [e.feature for e in examples if e.feature is not None]
         slot_features = torch.stack(features) if features else torch.zeros(0, self.feature_dim)
         batch = {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
             "labels": labels,
             "slot_features": slot_features,
             # Not model inputs (the loop pops them): for samples and real-token counts.
