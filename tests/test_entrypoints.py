@@ -22,8 +22,16 @@ def metrics(run):
 @pytest.fixture(scope="module")
 def trained(tiny_default, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", *SMALL)
+    run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", *SMALL,
+              "train.profile_steps=2")
     return run
+
+
+def test_profiled_steps_leave_an_operator_table_and_a_trace(trained):
+    table = (trained / "profile.txt").read_text()
+    assert table.startswith("2 optimizer steps after 3") and "aten::mm" in table
+    trace = json.loads((trained / "profile_trace.json").read_text())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
 
 
 def test_training_writes_checkpoints_logs_and_learns(trained):

@@ -220,6 +220,9 @@ class TrainConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, same objective); off
     reproduces the original's uniformly random batches."""
+    profile_steps: int = 0
+    """Profile this many optimizer steps after 3 warm-up steps (torch.profiler, rank 0):
+    ``profile.txt`` (operators by GPU time) and ``profile_trace.json`` (Chrome/Perfetto) in output_dir."""
 
 
 @dataclass

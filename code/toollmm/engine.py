@@ -142,3 +142,38 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps ``[3, 3 + steps)`` of rank 0: the first steps hold
+    one-off costs (allocator growth, kernel selection) that would hide the steady state."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, out_dir: Path, steps: int, enabled: bool):
+        self.out_dir, self.steps = out_dir, steps
+        self.profiler = None
+        if enabled and steps > 0:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+
+    def step_done(self, step: int) -> None:
+        """Call after optimizer step ``step`` (1-based) has been taken."""
+        if self.profiler is None:
+            return
+        if step == self.WARMUP_STEPS:
+            self.profiler.start()
+        elif step == self.WARMUP_STEPS + self.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.stop()
+            self._write()
+            self.profiler = None
+
+    def _write(self) -> None:
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = self.profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        (self.out_dir / "profile.txt").write_text(f"{self.steps} optimizer steps after {self.WARMUP_STEPS}\n{table}\n")
+        self.profiler.export_chrome_trace(str(self.out_dir / "profile_trace.json"))

@@ -34,6 +34,7 @@ from toollmm.data.toolmmbench import DataReport
 from toollmm.engine import (
     RESUME_DIR,
     MetricLogger,
+    StepProfiler,
     Stopwatch,
     deepspeed_config,
     init_distributed,
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
     window = torch.zeros(3 + 2 * len(OUTPUT_MODALITIES), device=device)
     done = progress["step"] >= total_steps
     nonfinite_in_a_row = 0
+    profiler = StepProfiler(out_dir, config.train.profile_steps, enabled=is_main)
     for epoch in range(progress["epoch"], config.train.epochs):
         if done:
             break
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
                 record["nonfinite_skipped"] = progress["nonfinite_skipped"]
             record.update(loss_scale_events(engine, config))
             window.zero_()
+            profiler.step_done(progress["step"])
             if progress["step"] % config.train.log_every_steps == 0:
                 metrics.log(progress["step"], record)
             bar.update(1)
