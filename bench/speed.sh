@@ -22,7 +22,14 @@ exec > >(tee "$OUT/speed.log") 2>&1
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/code
 python3 -m toollmm.tiny --data-dir .devdata/data
-[ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --tokenizer pretrained_checkpoint/LLM_ckpt/tiny_llama
+# TOKENIZER=trained: a 32000-token sentencepiece trained on the bundled text (Vicuna's vocabulary
+# size; rows tokenize to about the lengths Vicuna's tokenizer gives); default: the tiny tokenizer.
+if [ "${TOKENIZER:-tiny}" = trained ]; then
+  LLM=/tmp/${PRESET}_vocab
+  [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --train-tokenizer .devdata/data
+else
+  [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --tokenizer pretrained_checkpoint/LLM_ckpt/tiny_llama
+fi
 layers=(--config code/config/tiny.yaml --config bench/gpu_smoke.yaml)
 python3 code/extract_features.py --split train "${layers[@]}" >/dev/null  # cache first: not timed
 run_setting() {  # name, config layer, overrides...
@@ -32,6 +39,7 @@ run_setting() {  # name, config layer, overrides...
     train.output_dir="/tmp/speed_$name" train.max_steps="$STEPS" train.max_time_s=420 train.epochs=5 "$@" \
     || { echo "=== $name failed (out of memory?): left out of the table"; rm -rf "/tmp/speed_$name"; return 0; }
   mkdir -p "$OUT/$name"; cp "/tmp/speed_$name/metrics.jsonl" "/tmp/speed_$name/config.yaml" "$OUT/$name/"
+  cp "/tmp/speed_$name"/profile* "$OUT/$name/" 2>/dev/null || true  # train.profile_steps
   python3 bench/summarize_metrics.py "/tmp/speed_$name/metrics.jsonl" --warmup 3 --params "$PARAMS" --json "$OUT/$name/summary.json"
   rm -rf "/tmp/speed_$name"  # checkpoints: not needed, and a 7B run's add up
   names+=("$name")
