@@ -41,7 +41,8 @@ run_setting() {  # name, config layer, overrides...
   mkdir -p "$OUT/$name"; cp "/tmp/speed_$name/metrics.jsonl" "/tmp/speed_$name/config.yaml" "$OUT/$name/"
   cp "/tmp/speed_$name"/profile* "$OUT/$name/" 2>/dev/null || true  # train.profile_steps
   python3 bench/summarize_metrics.py "/tmp/speed_$name/metrics.jsonl" --warmup 3 --params "$PARAMS" --json "$OUT/$name/summary.json"
-  rm -rf "/tmp/speed_$name"  # checkpoints: not needed, and a 7B run's add up
+  # Resume states and periodic checkpoints add up over 7B runs; final/ stays (bench/eval_speed.sh reads it).
+  rm -rf "/tmp/speed_$name"/resume "/tmp/speed_$name"/checkpoint-*
   names+=("$name")
 }
 names=()

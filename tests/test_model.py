@@ -128,3 +128,28 @@ def test_batched_generation_equals_one_at_a_time(lora_model, tokenizer):
               for p, f in zip(prompts, features)]
     assert batched == single
     assert all(r for r in batched)
+
+
+def test_merged_lora_answers_as_the_adapters_do(lora_model, tokenizer):
+    """Inference folds LoRA into the base weights (inference.merge_lora): same logits within
+    fp32 rounding, same greedy answers, and no LoRA module left."""
+    import copy
+
+    from peft import PeftModel
+
+    merged = copy.deepcopy(lora_model)
+    merged.merge_lora()
+    assert not isinstance(merged.llm, PeftModel)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    queries = ["Please transcribe this.", "What objects are in this picture and where are they?", "Hi"]
+    prompts = [torch.tensor(build_example(tokenizer, q, i == 1, None, 512).input_ids) for i, q in enumerate(queries)]
+    features = [None, torch.randn(ENCODER_DIM), None]
+    ids = prompts[1][None]
+    with torch.no_grad():
+        expected = lora_model(ids, torch.ones_like(ids), slot_features=features[1][None])["logits"]
+        actual = merged(ids, torch.ones_like(ids), slot_features=features[1][None])["logits"]
+    assert (expected - actual).abs().max() > 0  # really another computation
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    answers = [generate_responses(m, tokenizer, prompts, features, batch_size=3, max_new_tokens=12, show_progress=False)
+               for m in (lora_model, merged)]
+    assert answers[0] == answers[1]

@@ -168,6 +168,8 @@ class Assistant:
         if dtype is None:
             dtype = TORCH_DTYPES[self.config.model.dtype] if self.device.type == "cuda" else torch.float32
         self.model.to(TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype).requires_grad_(False)
+        if self.config.inference.merge_lora:
+            self.model.merge_lora()
         self.decoder_paths = {m: Path(d) for m, d in (decoders or {}).items()}
         unknown = set(self.decoder_paths) - set(OUTPUT_MODALITIES)
         if unknown:

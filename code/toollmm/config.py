@@ -238,6 +238,8 @@ class InferenceConfig:
     """K > 1 adds K distinct catalogue tools with their log-probability to each answer."""
     top_k_method: Literal["beam", "exact"] = "beam"
     """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
+    merge_lora: bool = True
+    """Fold LoRA into the base weights before answering (faster decoding; false keeps the adapters apart)."""
 
 
 @dataclass

@@ -196,6 +196,8 @@ def answer_queries(args) -> list[dict]:
     dtype = TORCH_DTYPES[config.model.dtype] if device.type == "cuda" else torch.float32
     model.to(dtype)
     settings = config.inference
+    if settings.merge_lora:
+        model.merge_lora()
     for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -229,11 +231,15 @@ def answer_queries(args) -> list[dict]:
         for q in queries
     ]
     query_features = [record_feature(q.record, features) for q in queries]
+    start = time.perf_counter()
     responses = generate_responses(
         model, tokenizer, prompts, query_features,
         settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
         constraint=trie if settings.constrained else None,
     )
+    seconds = time.perf_counter() - start
+    log.info("answered %d queries in %.1f s (%.1f queries/s, batch size %d, %s)", len(prompts), seconds,
+             len(prompts) / max(seconds, 1e-9), settings.batch_size, "constrained" if settings.constrained else "free")
     top_k = None
     if settings.top_k > 1:
         start = time.perf_counter()

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> Path:
         )
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed()
+    if device.type == "cuda":
+        # SDPA's cuDNN backend builds an execution plan per new sequence length on the host
+        # (1.5 ms forward, 1.8 ms backward per layer call, profiled on an H200 at 7B); length-grouped
+        # batches bring a new length nearly every step, so the GPU waited. Flash has no such cost.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)

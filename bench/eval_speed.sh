@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Evaluation speed end to end: `code/inference.py --split test` on a 7B checkpoint, loading
+# included (process start → predictions written), free and constrained decoding.
+# Run on the device after bench/speed.sh (its fast run leaves /tmp/speed_fast/final):
+#   CKPT=/tmp/speed_fast/final BATCH=256 bash bench/eval_speed.sh
+# A random-init model never writes the stop string, so free generation runs to
+# --max-new-tokens (the worst case); constrained answers end at the catalogue trie's leaf.
+set -euo pipefail
+OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
+CKPT=${CKPT:-/tmp/speed_fast/final}
+BATCH=${BATCH:-256}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
+for mode in constrained free; do
+  flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
+  start=$(date +%s.%N)
+  python3 code/inference.py --ckpt "$CKPT" --split test --batch-size "$BATCH" --max-new-tokens 32 $flag \
+    --output "$OUT/predictions_$mode.json" "$@" 2>&1 | grep -E "answered|written|Error|error" || true
+  end=$(date +%s.%N)
+  python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+seconds = float(sys.argv[3]) - float(sys.argv[2])
+print(json.dumps({"mode": sys.argv[4], "batch_size": int(sys.argv[5]), "queries": len(rows),
+                  "seconds_end_to_end": round(seconds, 2), "queries_per_s": round(len(rows) / seconds, 1)}))
+PY
+done
