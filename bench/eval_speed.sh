@@ -5,6 +5,8 @@
 #   CKPT=/tmp/speed_fast/final BATCH=256 bash bench/eval_speed.sh
 # A random-init model never writes the stop string, so free generation runs to
 # --max-new-tokens (the worst case); constrained answers end at the catalogue trie's leaf.
+# PROFILE=1: run under cProfile and print the 25 functions with the most host time (decoding a
+# 7B model at a large batch should be GPU-bound; host time shows where it is not).
 set -euo pipefail
 OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/speed_fast/final}
@@ -13,7 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
 for mode in constrained free; do
   flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
   start=$(date +%s.%N)
-  python3 code/inference.py --ckpt "$CKPT" --split test --batch-size "$BATCH" --max-new-tokens 32 $flag \
+  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" --split test --batch-size "$BATCH" --max-new-tokens 32 $flag \
     --output "$OUT/predictions_$mode.json" "$@" 2>&1 | grep -E "answered|written|Error|error" || true
   end=$(date +%s.%N)
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
@@ -23,4 +25,5 @@ seconds = float(sys.argv[3]) - float(sys.argv[2])
 print(json.dumps({"mode": sys.argv[4], "batch_size": int(sys.argv[5]), "queries": len(rows),
                   "seconds_end_to_end": round(seconds, 2), "queries_per_s": round(len(rows) / seconds, 1)}))
 PY
+  [ -z "${PROFILE:-}" ] || python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" "$OUT/$mode.prof" | tail -40
 done

@@ -193,3 +193,34 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(setup, tuning):
     assert full_grads.keys() == answer_grads.keys()
     for name in full_grads:
         torch.testing.assert_close(answer_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny_default):
+    """train.compile: each decoder layer through torch.compile (dynamic shapes) changes no maths,
+    and a new sequence length reuses the compiled graph."""
+    config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "model.lora.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(config.model, ENCODER_DIM).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    ids = torch.randint(5, 2000, (4, 37))
+    labels = ids.masked_fill(torch.arange(37) < 20, IGNORE_INDEX)
+    eager = model(ids, labels=labels)["loss"]
+    eager.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    for layer in model.decoder_layers():
+        layer.compile(dynamic=True)
+    compiled = model(ids, labels=labels)["loss"]
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames > 0  # the layers really went through dynamo
+    model(torch.randint(5, 2000, (3, 51)), labels=torch.randint(5, 2000, (3, 51)))["loss"].backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for a new length

@@ -220,6 +220,9 @@ class TrainConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, same objective); off
     reproduces the original's uniformly random batches."""
+    compile: bool = False
+    """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers): fuses
+    the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps (torch.profiler, rank 0):
     ``profile.txt`` (operators by GPU time) and ``profile_trace.json`` (Chrome/Perfetto) in output_dir."""

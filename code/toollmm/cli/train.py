@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> Path:
     if config.train.gradient_checkpointing:
         # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.compile:
+        # Per layer, not the whole model: the 32 identical layers share one compiled graph
+        # (compile time of one layer), and the loss code around them stays eager.
+        for layer in model.decoder_layers():
+            layer.compile(dynamic=True)
     if config.train.init_from:
         load_initial_weights(model, config, resolve_path(config.train.init_from))
     ds_config = deepspeed_config(config, world_size, total_steps)

@@ -118,6 +118,10 @@ class ToolLMM(nn.Module):
         positions = starts[:, None] + torch.arange(len(run_ids), device=labels.device)
         return self.output_projectors[modality](hidden[rows[:, None], positions], embeds[rows[:, None], positions])
 
+    def decoder_layers(self) -> nn.ModuleList:
+        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+        return causal_lm.model.layers
+
     def merge_lora(self) -> None:
         """Fold LoRA into the base weights, for inference: the same function up to the weights'
         rounding, without LoRA's extra matmuls and module calls in every decoding step (on a
