@@ -145,7 +145,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(InstructionDataset(items, tokenizer, {}, 256).examples)
     batch.pop("record_ids"), batch.pop("real_tokens")
     grads = []
-    for checkpointing in (False, True):
+    # "toggled": enabled once, then switched per batch (train.checkpoint_above_tokens): off, then on.
+    for checkpointing in (False, True, "toggled"):
         torch.manual_seed(0)
         model = build_model(config.model, ENCODER_DIM)
         with torch.no_grad():  # LoRA B starts at zero: give the A gradients something to flow through
@@ -160,12 +161,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
         # whose input LoRA's backward needs: torch recomputes up to it.
         layer = model.llm.get_base_model().model.layers[0].self_attn.q_proj
         layer.register_forward_hook(lambda *args: calls.append(1))
+        if checkpointing == "toggled":
+            model.set_activation_checkpointing(False)
+            model(**batch)["loss"].backward()
+            assert len(calls) == 1  # switched off: no recompute
+            model.zero_grad()
+            calls.clear()
+            model.set_activation_checkpointing(True)
         model(**batch)["loss"].backward()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the layer in backward
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and any("lora_A" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grads[2][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])

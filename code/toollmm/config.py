@@ -213,6 +213,9 @@ class TrainConfig:
     """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in the backward pass: less memory, about a third more compute."""
+    checkpoint_above_tokens: int = 0
+    """With gradient_checkpointing off: recompute only micro-batches of more than this many (padded)
+    tokens. Memory follows the longest batch, which is rare: it alone pays the recompute. 0: never."""
     packing: bool = False
     """Pack each micro-batch's examples into rows of at most ``pack_length`` tokens (position ids
     restart per example; no token attends across examples) instead of padding them."""

@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
     model.answer_logits_only = config.train.answer_logits_only
-    if config.train.gradient_checkpointing:
+    if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
         # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.set_activation_checkpointing(config.train.gradient_checkpointing)
     if config.train.compile:
         # Per layer, not the whole model: the 32 identical layers share one compiled graph
         # (compile time of one layer), and the loss code around them stays eager.
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> Path:
             batch_ids, batch_tokens = batch.pop("record_ids"), batch.pop("real_tokens")
             batch_examples = len(batch_ids)
             batch = {k: v.to(device) for k, v in batch.items()}
+            if config.train.checkpoint_above_tokens and not config.train.gradient_checkpointing:
+                model.set_activation_checkpointing(batch["input_ids"].numel() > config.train.checkpoint_above_tokens)
             out = engine(**batch)
             if not all_finite(out["loss"]):
                 # Skipped on every rank alike: no backward, no optimizer step, the data moves on.

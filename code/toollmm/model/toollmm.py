@@ -122,6 +122,12 @@ class ToolLMM(nn.Module):
         causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
         return causal_lm.model.layers
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Per batch: recompute the decoder layers in the backward pass or not (the model must
+        have had ``gradient_checkpointing_enable`` called once, which installs the function)."""
+        for layer in self.decoder_layers():
+            layer.gradient_checkpointing = enabled
+
     def merge_lora(self) -> None:
         """Fold LoRA into the base weights, for inference: the same function up to the weights'
         rounding, without LoRA's extra matmuls and module calls in every decoding step (on a
