@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> Path:
         load_initial_weights(model, config, resolve_path(config.train.init_from))
     ds_config = deepspeed_config(config, world_size, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
+    # from_pretrained leaves the base in eval mode: without this, the decoder layers skip activation
+    # checkpointing (it checks ``self.training``), and any dropout of the base stays off.
+    engine.train()
     collate = Collator(tokenizer.pad_token_id, encoder_dim)
     held_out = {}
     if len(test_set) and not config.train.resume:
