@@ -185,6 +185,8 @@ def read_toolmmbench(
     rows, lossy = read_json_rows(path, "ToolMMBench rows")
     report = DataReport(rows=len(rows))
     records = []
+    # Rows name the same files again and again: resolve each (a walk of lstat calls) once per read.
+    resolved: dict[str, Path | None] = {}
     for index, row in enumerate(rows):
         where = f"{path.name} row {index}" + (f" (id {row.get('id')})" if isinstance(row, dict) else "")
         if lossy and has_replacement(row):
@@ -206,7 +208,9 @@ def read_toolmmbench(
             value = row.get(spec.row_key)
             if isinstance(value, str) and value:
                 media_keys.append(f"{name}:{value}")
-                media_file = media_path(media_root, value)
+                if value not in resolved:
+                    resolved[value] = media_path(media_root, value)
+                media_file = resolved[value]
                 if media_file is None:
                     outside = value
                 media_refs.append(MediaRef(name, media_file))
