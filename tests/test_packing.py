@@ -159,7 +159,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
         calls = []
         # A module inside the layer (transformers checkpoints the layer's forward, not its hooks)
         # whose input LoRA's backward needs: torch recomputes up to it.
-        layer = model.llm.get_base_model().model.layers[0].self_attn.q_proj
+        layer = model.decoder_layers()[0].self_attn.q_proj
         layer.register_forward_hook(lambda *args: calls.append(1))
         if checkpointing == "toggled":
             model.set_activation_checkpointing(False)

@@ -33,14 +33,14 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from toollmm.catalogue import AnswerTrie, load_catalogue
-from toollmm.checkpoint import load_checkpoint
+from toollmm.checkpoint import load_for_inference
 from toollmm.config import OUTPUT_MODALITIES, resolve_path
 from toollmm.data.toolmmbench import MediaRef
 from toollmm.decoders import MediaDecoder
 from toollmm.generate import beam_top_k, generate_responses, left_pad, rank_tools, score_catalogue
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
-from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM
+from toollmm.model.toollmm import ToolLMM
 from toollmm.prompts import IGNORE_INDEX, STOP_STRING, build_example, parse_answer
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,7 @@ class Assistant:
                  offload: bool = False, output_dir="outputs", steps: int = 25, max_new_tokens: int = 128,
                  catalogue: Sequence[str] | str | Path | None = None, llm_path: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer, self.config, self.meta = load_checkpoint(Path(ckpt_dir), self.device, llm_path=llm_path)
-        if dtype is None:
-            dtype = TORCH_DTYPES[self.config.model.dtype] if self.device.type == "cuda" else torch.float32
-        self.model.to(TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype).requires_grad_(False)
-        if self.config.inference.merge_lora:
-            self.model.merge_lora()
+        self.model, self.tokenizer, self.config, self.meta = load_for_inference(Path(ckpt_dir), self.device, dtype, llm_path)
         self.decoder_paths = {m: Path(d) for m, d in (decoders or {}).items()}
         unknown = set(self.decoder_paths) - set(OUTPUT_MODALITIES)
         if unknown:

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from toollmm.config import RunConfig, config_from_dict, resolve_path
-from toollmm.model.toollmm import ToolLMM, build_model, checkpoint_state, load_trainable_state
+from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, build_model, checkpoint_state, load_trainable_state
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
 
@@ -130,6 +130,22 @@ def load_checkpoint(
     check_compatible(meta, model, config, ckpt_dir)
     load_trainable_state(model, state, ckpt_dir / WEIGHTS)
     return model.to(device).eval(), tokenizer, config, meta
+
+
+def load_for_inference(
+    ckpt_dir: Path, device: torch.device | str, dtype: torch.dtype | str | None = None, llm_path: str | None = None
+) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
+    """``load_checkpoint``, made ready to answer: the config's dtype on CUDA (fp32 on a CPU,
+    unless ``dtype`` says otherwise), frozen, and LoRA folded into the base when the config's
+    ``inference.merge_lora`` is on."""
+    device = torch.device(device)
+    model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=llm_path)
+    if dtype is None:
+        dtype = config.model.dtype if device.type == "cuda" else torch.float32
+    model.to(TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype).requires_grad_(False)
+    if config.inference.merge_lora:
+        model.merge_lora()
+    return model, tokenizer, config, meta
 
 
 def check_compatible(meta: dict, model: ToolLMM, config: RunConfig, ckpt_dir: Path) -> None:

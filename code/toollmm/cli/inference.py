@@ -45,7 +45,7 @@ import torch
 
 from toollmm.assistant import MODES, Assistant, parse_prompt
 from toollmm.catalogue import AnswerTrie, load_catalogue
-from toollmm.checkpoint import load_checkpoint
+from toollmm.checkpoint import load_for_inference
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import load_splits
 from toollmm.data.dataset import record_feature
@@ -54,7 +54,6 @@ from toollmm.data.toolmmbench import DataReport
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
-from toollmm.model.toollmm import TORCH_DTYPES
 from toollmm.prompts import build_example, parse_answer
 
 log = logging.getLogger("toollmm.inference")
@@ -192,12 +191,8 @@ def main(argv: list[str] | None = None) -> Path:
 def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, config, meta = load_checkpoint(args.ckpt, device, llm_path=args.llm_path)
-    dtype = TORCH_DTYPES[config.model.dtype] if device.type == "cuda" else torch.float32
-    model.to(dtype)
+    model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
     settings = config.inference
-    if settings.merge_lora:
-        model.merge_lora()
     for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

@@ -85,7 +85,7 @@ class ToolLMM(nn.Module):
         if labels is not None and self.answer_logits_only:
             # The answer is a few tokens of each row: the LM head (and its fp32 logits, 32000
             # wide for Vicuna) runs there only. Same loss; the last-layer states are the body's output.
-            causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm  # LoRA stays injected
+            causal_lm = self.causal_lm()
             hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state
             result = answer_loss(causal_lm.get_output_embeddings(), hidden, labels)
@@ -118,9 +118,12 @@ class ToolLMM(nn.Module):
         positions = starts[:, None] + torch.arange(len(run_ids), device=labels.device)
         return self.output_projectors[modality](hidden[rows[:, None], positions], embeds[rows[:, None], positions])
 
+    def causal_lm(self) -> nn.Module:
+        """The transformers causal LM, under PEFT's wrapper if any (LoRA stays injected in it)."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
     def decoder_layers(self) -> nn.ModuleList:
-        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
-        return causal_lm.model.layers
+        return self.causal_lm().model.layers
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Per batch: recompute the decoder layers in the backward pass or not (the model must
