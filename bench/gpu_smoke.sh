@@ -12,13 +12,11 @@ STEPS=${STEPS:-60}
 PRESET=${PRESET:-vicuna-7b}
 RUN=/tmp/gpu_smoke_run
 LLM=/tmp/v7b
-export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_smoke.log") 2>&1
 t0=$SECONDS; phase() { echo "=== [$((SECONDS - t0)) s] $*"; }
 
 phase "install wheels"
-[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/code
+source bench/device_env.sh
 
 phase "machine and versions"
 nvidia-smi || true

@@ -7,12 +7,10 @@ set -euo pipefail
 OUT=${OUT:-/tmp/gpu_stage2_out}; mkdir -p "$OUT"
 RUN=/tmp/gpu_stage2_run
 LLM=/tmp/v7b_vocab
-export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_stage2.log") 2>&1
 t0=$SECONDS; phase() { echo "=== [$((SECONDS - t0)) s] $*"; }
 phase "install wheels"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/code
+source bench/device_env.sh
 layers=(--config code/config/tiny.yaml --config code/config/tiny_chain.yaml --config bench/gpu_stage2.yaml)
 phase "tiny default (ImageBind, decoders' text encoders) + random Vicuna-7B with a 32000-token tokenizer"
 python3 -m toollmm.tiny --data-dir .devdata/data

@@ -17,10 +17,9 @@ STEPS=${STEPS:-40}
 PRESET=${PRESET:-vicuna-7b}
 LLM=/tmp/$PRESET
 PARAMS=$([ "$PRESET" = vicuna-13b ] && echo 13.0e9 || echo 6.74e9)
-export PYTHONUNBUFFERED=1 NPROC=${NPROC:-1}
+export NPROC=${NPROC:-1}
 exec > >(tee "$OUT/speed.log") 2>&1
-[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/code
+source bench/device_env.sh
 python3 -m toollmm.tiny --data-dir .devdata/data
 # TOKENIZER=trained: a 32000-token sentencepiece trained on the bundled text (Vicuna's vocabulary
 # size; rows tokenize to about the lengths Vicuna's tokenizer gives); default: the tiny tokenizer.
