@@ -234,6 +234,19 @@ def test_jsonl_input_and_a_broken_line(tmp_path):
     assert report.problem_examples["malformed"] == ["rows.jsonl row 1: row is a NoneType, not an object"]
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_row_that_is_not_utf8_is_counted_as_malformed(tmp_path, suffix):
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "Sag tsch\u00fcss.", "output": "Bye."},
+            {"instruction": "Say bye.", "output": "Bye."}]
+    encoded = [json.dumps(row, ensure_ascii=False).encode() for row in rows]
+    encoded[1] = encoded[1].replace("\u00fc".encode(), b"\xfc")  # Latin-1, not UTF-8
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(b"\n".join(encoded) if suffix == ".jsonl" else b"[" + b",".join(encoded) + b"]")
+    examples, report = convert("alpaca", [Input(path, tmp_path)])
+    assert [e.id for e in examples] == ["rows/0", "rows/2"]
+    assert report.problem_examples["malformed"] == [f"rows{suffix} row 1: row is a NoneType, not an object"]
+
+
 def test_a_new_format_is_one_registered_reader(tmp_path):
     @register("qa-pairs")
     def read_qa(row, ctx):

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from toollmm.data.split import in_test_split
+from toollmm.data.toolmmbench import has_replacement, read_json_rows
 from toollmm.modalities import MODALITIES
 
 TASKS = ("tool_selection", "instruction", "caption")
@@ -332,24 +333,23 @@ class MissingMediaError(FileNotFoundError):
 
 
 def load_rows(path: Path) -> list:
-    """A JSON list, or JSON Lines (``.jsonl``: an unparseable line becomes a ``None`` row,
-    reported as malformed)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    rows.append(None)
-        return rows
+    """A JSON list, or JSON Lines (``.jsonl``). An unparseable line, or a row holding bytes that
+    are not UTF-8, becomes a ``None`` row, reported as malformed."""
+    if path.suffix != ".jsonl":
+        rows, lossy = read_json_rows(path, "rows (or a .jsonl file)")
+        return [None if lossy and has_replacement(row) else row for row in rows]
+    raw = path.read_bytes()
     try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a JSON list of rows (or a .jsonl file)") from err
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}")
+        text, lossy = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, lossy = raw.decode("utf-8", errors="replace"), True
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(None if lossy and "\ufffd" in line else json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
     return rows
 
 
