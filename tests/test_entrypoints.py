@@ -2,12 +2,16 @@
 inference → evaluate, and the published LoRA recipe."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, run_entry
+from conftest import ROOT, TINY_CONFIG, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -178,33 +182,29 @@ def test_training_steps_run_in_training_mode(tiny_default, tmp_path):
     mode): the loop must switch the whole model, or the decoder layers' activation checkpointing
     silently does nothing. A stage-3 run has no held-out evaluation (which switched stages 1-2
     back to train mode), so it is the one to check."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import sys\n"
-        "import toollmm.cli.train as train\n"
-        "seen = []\n"
-        "build = train.build_model\n"
-        "def build_and_watch(*args, **kwargs):\n"
-        "    model = build(*args, **kwargs)\n"
-        "    dropout = next(m for n, m in model.named_modules() if n.endswith('lora_dropout.default'))\n"
-        "    dropout.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))\n"
-        "    layer = model.decoder_layers()[0]\n"
-        "    layer.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))\n"
-        "    return model\n"
-        "train.build_model = build_and_watch\n"
-        "train.main(sys.argv[1:])\n"
-        "print('TRAINING_MODE', sum(seen), len(seen))\n"
-    )
+    driver.write_text(textwrap.dedent("""
+        import sys
+        import toollmm.cli.train as train
+
+        seen = []
+        build = train.build_model
+
+        def build_and_watch(*args, **kwargs):
+            model = build(*args, **kwargs)
+            dropout = next(m for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
+            for module in (dropout, model.decoder_layers()[0]):
+                module.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))
+            return model
+
+        train.build_model = build_and_watch
+        train.main(sys.argv[1:])
+        print("TRAINING_MODE", sum(seen), len(seen))
+    """))
     result = subprocess.run(
         [sys.executable, str(driver), "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path / 'run'}",
          "model.tuning=lora", "train.max_steps=2", "train.micro_batch_size=2", "train.gradient_accumulation_steps=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "code")},
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "code")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("TRAINING_MODE"))

@@ -45,8 +45,12 @@ def load_splits(config: DataConfig) -> Splits:
             log.info("%s:\n%s", path, file_report.summary())
             report.merge(file_report)
             records += rows
-            # The catalogue is every tool named by a well-formed row, media present or not.
-            catalogue_records.extend(read_toolmmbench(path, media_root, "text_only")[0])
+            # The catalogue is every tool named by a well-formed row, media present or not (what
+            # text_only keeps: then the rows just read are those rows).
+            if config.missing_media == "text_only":
+                catalogue_records.extend(rows)
+            else:
+                catalogue_records.extend(read_toolmmbench(path, media_root, "text_only")[0])
         return records
 
     train, test = read(config.train_files), read(config.eval_files)
