@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Evaluation speed end to end: `code/inference.py --split test` on a 7B checkpoint, loading
-# included (process start → predictions written), free and constrained decoding.
+# Evaluation speed end to end: `code/inference.py` on a 7B checkpoint over the published
+# evaluation size (2397 distinct requests: bench/make_eval_workload.py), loading included
+# (process start → predictions written), free and constrained decoding.
 # Run on the device after bench/speed.sh (its fast run leaves /tmp/speed_fast/final):
-#   CKPT=/tmp/speed_fast/final BATCH=256 bash bench/eval_speed.sh
+#   CKPT=/tmp/speed_fast/final BATCH=1024 bash bench/eval_speed.sh [more inference.py flags]
 # A random-init model never writes the stop string, so free generation runs to
 # --max-new-tokens (the worst case); constrained answers end at the catalogue trie's leaf.
-# PROFILE=1: run under cProfile and print the 25 functions with the most host time (decoding a
-# 7B model at a large batch should be GPU-bound; host time shows where it is not).
+# SPLIT=test answers the checkpoint config's test split instead of the workload file.
+# PROFILE=1: run under cProfile and print the 25 functions with the most host time.
 set -euo pipefail
 OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/speed_fast/final}
-BATCH=${BATCH:-256}
+BATCH=${BATCH:-1024}
+MODES=${MODES:-constrained free}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
-for mode in constrained free; do
+if [ -n "${SPLIT:-}" ]; then
+  source=(--split "$SPLIT")
+else
+  python3 bench/make_eval_workload.py --data-dir .devdata/data --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
+  source=(--data /tmp/eval_workload.json)
+fi
+for mode in $MODES; do
   flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
   start=$(date +%s.%N)
-  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" --split test --batch-size "$BATCH" --max-new-tokens 32 $flag \
-    --output "$OUT/predictions_$mode.json" "$@" 2>&1 | grep -E "answered|written|Error|error" || true
+  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${source[@]}" --batch-size "$BATCH" \
+    --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
+    | grep -E "loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N)
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
 import json, sys

@@ -94,6 +94,41 @@ def test_trie_refuses_ambiguous_catalogues(tokenizer):
         AnswerTrie(tokenizer, [" gpt2", "a}b", "unknown"])
 
 
+def reference_trie_scores(trie, eos, input_ids, scores):
+    """The processor's rule, row by row in Python, from ``AnswerTrie.walk`` and ``allowed``."""
+    out = torch.full_like(scores, float("-inf"))
+    for row, tokens in enumerate(input_ids.tolist()):
+        node = trie.walk(tokens)
+        if node in trie.tool_at:
+            out[row, eos] = 0.0
+        else:
+            out[row, trie.allowed[node]] = scores[row, trie.allowed[node]]
+    return out
+
+
+def test_processor_matches_a_per_row_walk(tokenizer, catalogue):
+    """Rows at every depth of the full catalogue's trie (root, the 900-way branch, mid-answer,
+    at a leaf, past a leaf with EOS padding), batched: the tensor walk masks as the Python one."""
+    trie = AnswerTrie(tokenizer, catalogue)
+    eos = tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    for steps in range(trie.max_length + 3):
+        rows = []
+        for index in torch.randperm(len(trie), generator=generator)[:40].tolist():
+            ids = trie.sequences[index]
+            if steps > len(ids) or torch.rand(1, generator=generator) < 0.3:
+                ids = ids + [eos] * max(0, steps - len(ids))  # finished, padded with EOS
+            if len(ids) >= steps:
+                rows.append(ids[:steps])
+        input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), steps)
+        scores = torch.randn(len(rows), len(tokenizer), generator=generator)
+        processed = TrieLogitsProcessor(trie, eos)(input_ids, scores)
+        assert torch.equal(processed, reference_trie_scores(trie, eos, input_ids, scores)), steps
+    off_path = torch.tensor([trie.common_prefix + [eos]])
+    with pytest.raises(ValueError, match="left the answer trie"):
+        TrieLogitsProcessor(trie, eos)(off_path, torch.zeros(1, len(tokenizer)))
+
+
 def test_processor_sees_only_generated_tokens(model, tokenizer, prompts, small_trie):
     """generate with inputs_embeds and left padding: the hook gets (rows, 0) first, then the new tokens."""
     seen = []
@@ -256,3 +291,15 @@ def test_beam_top_k_with_more_beams_than_answers(model, tokenizer, prompts):
     exact = rank_tools(score_catalogue(model, tokenizer, ids[:2], features[:2], trie, show_progress=False), trie, 3)
     beams = beam_top_k(model, tokenizer, ids[:2], features[:2], trie, 3, num_beams=8, show_progress=False)
     assert [[r["tool"] for r in row] for row in beams] == [[r["tool"] for r in row] for row in exact]
+
+
+def test_static_cache_answers_as_the_dynamic_one(model, tokenizer, prompts, small_trie):
+    """inference.cache=static (preallocated, written in place) decodes the same tokens, free and
+    constrained, under left padding."""
+    ids, features = prompts
+    for constraint in (None, small_trie):
+        dynamic = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
+                                     show_progress=False, constraint=constraint)
+        static = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
+                                    show_progress=False, constraint=constraint, cache="static")
+        assert static == dynamic

@@ -111,6 +111,49 @@ class AnswerTrie:
         return self.tools[self.tool_at[node]]
 
 
+class TrieTensors:
+    """The trie's edges as tensors on one device, so a batch walks it without Python per row.
+
+    Edges are sorted by ``(node, token)``, so a node's outgoing edges are one contiguous run
+    ``[first[node], first[node + 1])`` and an edge is found by binary search on
+    ``node * STRIDE + token``.
+    """
+
+    STRIDE = 1 << 32  # above any token id: keys of different nodes never collide
+
+    def __init__(self, trie: AnswerTrie, device: torch.device):
+        edges = sorted((node, token, child) for node, children in enumerate(trie.children) for token, child in children.items())
+        nodes, tokens, childs = (torch.tensor(column, dtype=torch.long) for column in zip(*edges))
+        self.keys = (nodes * self.STRIDE + tokens).to(device)
+        self.tokens, self.child = tokens.to(device), childs.to(device)
+        counts = torch.bincount(nodes, minlength=len(trie.children))
+        self.first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device)
+        self.leaf = torch.zeros(len(trie.children), dtype=torch.bool)
+        self.leaf[list(trie.tool_at)] = True
+        self.leaf = self.leaf.to(device)
+
+    def walk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node reached by each row of ``tokens`` (rows, steps) and whether the row stayed in the
+        trie; tokens after a leaf (EOS, padding) are ignored, as in ``AnswerTrie.walk``."""
+        node = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        valid = torch.ones_like(node, dtype=torch.bool)
+        for step in range(tokens.shape[1]):
+            key = node * self.STRIDE + tokens[:, step]
+            edge = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
+            found = self.keys[edge] == key
+            moving = ~self.leaf[node]
+            valid &= found | ~moving
+            node = torch.where(moving & found, self.child[edge], node)
+        return node, valid
+
+    def allowed(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index pairs of every edge out of each row's node."""
+        start, counts = self.first[node], self.first[node + 1] - self.first[node]
+        rows = torch.repeat_interleave(torch.arange(len(node), device=node.device), counts)
+        offsets = torch.arange(len(rows), device=node.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        return rows, self.tokens[start[rows] + offsets]
+
+
 class TrieLogitsProcessor(LogitsProcessor):
     """Allows only tokens that continue a catalogue answer; after the answer's last token, only EOS.
 
@@ -118,6 +161,8 @@ class TrieLogitsProcessor(LogitsProcessor):
     the generated tokens (shape ``(rows, 0)`` at the first step, left padding or not), which is
     ``prompt_length=0``; pass the prompt length when generating from ``input_ids``. The walk
     starts from the root for every row at every step, so beam search may reorder rows freely.
+    It runs on the scores' device: a Python walk per row cost as much as the 7B model's
+    decoding step at batch 256 (over a 900-way branch, 230k allowed pairs per step).
 
     Finished rows get EOS at score 0 (probability 1): with beam search the trailing EOS then
     adds nothing, and a beam's score is exactly log p(answer | prompt).
@@ -127,33 +172,25 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.trie = trie
         self.eos_token_id = eos_token_id
         self.prompt_length = prompt_length
+        self._tensors: TrieTensors | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows, cols, done = [], [], []
-        # One device→host copy per step, not one per row.
-        for row, tokens in enumerate(input_ids[:, self.prompt_length :].tolist()):
-            try:
-                node = self.trie.walk(tokens)
-            except KeyError:
-                raise ValueError(
-                    f"generated tokens {tokens} left the answer trie: generate passed the prompt too? "
-                    "Set TrieLogitsProcessor(prompt_length=...) to the prompt's token count."
-                ) from None
-            if node in self.trie.tool_at:
-                done.append(row)
-            else:
-                allowed = self.trie.allowed[node]
-                rows += [row] * len(allowed)
-                cols += allowed
+        if self._tensors is None or self._tensors.keys.device != scores.device:
+            self._tensors = TrieTensors(self.trie, scores.device)
+        generated = input_ids[:, self.prompt_length :]
+        node, valid = self._tensors.walk(generated)
+        if not bool(valid.all()):
+            tokens = generated[int((~valid).nonzero()[0, 0])].tolist()
+            raise ValueError(
+                f"generated tokens {tokens} left the answer trie: generate passed the prompt too? "
+                "Set TrieLogitsProcessor(prompt_length=...) to the prompt's token count."
+            )
+        rows, tokens = self._tensors.allowed(node)
         mask = torch.full_like(scores, float("-inf"))
-        if rows:
-            mask[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = 0.0
-        out = scores + mask
-        if done:
-            finished = torch.tensor(done, device=scores.device)
-            out[finished] = float("-inf")
-            out[finished, self.eos_token_id] = 0.0
-        return out
+        mask[rows, tokens] = 0.0
+        done = self._tensors.leaf[node]
+        mask[done, self.eos_token_id] = 0.0
+        return torch.where(done[:, None], mask, scores + mask)
 
 
 def load_catalogue(path: Path) -> list[str]:

@@ -126,7 +126,7 @@ def load_checkpoint(
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
     state = read_weights(ckpt_dir)
     encoder_dim = state["input_projector.weight"].shape[1]
-    model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal)
+    model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal, device=device)
     check_compatible(meta, model, config, ckpt_dir)
     load_trainable_state(model, state, ckpt_dir / WEIGHTS)
     return model.to(device).eval(), tokenizer, config, meta

@@ -246,6 +246,12 @@ class InferenceConfig:
     """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
     merge_lora: bool = True
     """Fold LoRA into the base weights before answering (faster decoding; false keeps the adapters apart)."""
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of generation: dynamic grows by concatenation each step; static is preallocated
+    (prompt + max_new_tokens) and written in place."""
+    compile: bool = False
+    """With ``cache: static`` on CUDA, let transformers compile the decoding step (CUDA graphs):
+    faster steps after a compile of tens of seconds for a 7B model, repeated per batch shape."""
 
 
 @dataclass

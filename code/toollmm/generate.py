@@ -64,6 +64,8 @@ def generate_responses(
     top_p: float = 1.0,
     show_progress: bool = True,
     constraint: AnswerTrie | None = None,
+    cache: str = "dynamic",
+    compile: bool = False,
 ) -> list[str]:
     """One response per prompt (token ids with media slots), in input order.
 
@@ -71,7 +73,7 @@ def generate_responses(
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
     tool reached, and ``max_new_tokens`` is the longest answer plus one (EOS), since a cut
-    answer would be no answer.
+    answer would be no answer. ``cache`` and ``compile``: see ``InferenceConfig``.
     """
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(prompts)
@@ -90,6 +92,8 @@ def generate_responses(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             top_k=None,
+            cache_implementation=None if cache == "dynamic" else cache,
+            disable_compile=not compile,
             **sampling,
         )
         # With inputs_embeds and no input_ids, generate returns only the new tokens.

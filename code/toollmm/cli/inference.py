@@ -76,6 +76,10 @@ def parse_args(argv):
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
+                        help="KV cache of generation (inference.cache): static is preallocated and written in place")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decoding step (CUDA, --cache static; inference.compile)")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
                         help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
@@ -191,9 +195,13 @@ def main(argv: list[str] | None = None) -> Path:
 def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
     model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
+    log.info("model loaded in %.1f s", time.perf_counter() - start)
+    start = time.perf_counter()
     settings = config.inference
-    for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method"):
+    for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method", "cache",
+                 "compile"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     check_beam_settings(args, settings)
@@ -226,11 +234,12 @@ def answer_queries(args) -> list[dict]:
         for q in queries
     ]
     query_features = [record_feature(q.record, features) for q in queries]
+    log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     start = time.perf_counter()
     responses = generate_responses(
         model, tokenizer, prompts, query_features,
         settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
-        constraint=trie if settings.constrained else None,
+        constraint=trie if settings.constrained else None, cache=settings.cache, compile=settings.compile,
     )
     seconds = time.perf_counter() - start
     log.info("answered %d queries in %.1f s (%.1f queries/s, batch size %d, %s)", len(prompts), seconds,

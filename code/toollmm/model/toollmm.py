@@ -177,10 +177,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
     return {"loss": loss, "token_accuracy": token_accuracy}
 
 
-def load_llm(config: ModelConfig, dtype: torch.dtype | None = None) -> nn.Module:
+def load_llm(config: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
+    """The base LLM; with a CUDA ``device``, its safetensors load straight into GPU memory (a 7B
+    base loaded to host memory first and then moved costs seconds more and 13 GiB of host RAM)."""
     path = resolve_path(config.llm_path)
+    device = torch.device(device) if device is not None else None
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or TORCH_DTYPES[config.dtype], attn_implementation=config.attn_implementation
+        path, dtype=dtype or TORCH_DTYPES[config.dtype], attn_implementation=config.attn_implementation,
+        **({"device_map": {"": device}} if device is not None and device.type != "cpu" else {}),
     )
 
 
@@ -202,14 +206,15 @@ def trainable_parts(stage: int, config: ModelConfig) -> set[str]:
 
 
 def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None = None, stage: int = 3,
-                signal: SignalTokens | None = None) -> ToolLMM:
+                signal: SignalTokens | None = None, device: torch.device | str | None = None) -> ToolLMM:
     """LLM from ``config.llm_path`` (+ signal-token rows, + LoRA in stage 3 with ``tuning: lora``),
-    a fresh input projector, and output projectors when ``config.outputs.enabled``."""
+    a fresh input projector, and output projectors when ``config.outputs.enabled``; built on
+    ``device`` (default: the CPU)."""
     if config.outputs.enabled != (signal is not None):
         raise ValueError("model.outputs.enabled needs the signal tokens (add_signal_tokens), and only then")
     if stage in (1, 2) and not config.outputs.enabled:
         raise ValueError(f"stage {stage} aligns the signal tokens: set model.outputs.enabled=true")
-    llm = load_llm(config, dtype)
+    llm = load_llm(config, dtype, device)
     if signal is not None:
         if llm.get_input_embeddings().num_embeddings != signal.base_vocab_size:
             raise ValueError(
@@ -230,13 +235,13 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
             ),
         )
     hidden = llm.config.hidden_size
-    projector = nn.Linear(encoder_dim, hidden).to(llm.dtype)
+    projector = nn.Linear(encoder_dim, hidden).to(llm.device, llm.dtype)
     outputs = None
     if config.outputs.enabled:
         outputs = nn.ModuleDict({
             m: build_output_projector(hidden, config.outputs.modality(m), config.outputs.projector)
             for m in OUTPUT_MODALITIES
-        }).to(llm.dtype)
+        }).to(llm.device, llm.dtype)
     model = ToolLMM(llm, projector, outputs, signal, config)
     set_trainable(model, parts)
     return model
