@@ -6,7 +6,7 @@ model loads once), on the evaluation workload of bench/eval_speed.sh.
 
 A variant is MODE:BATCH:CACHE[:compile], MODE free or constrained. Prints one JSON line per
 variant (seconds, queries/s) and, with --profile, torch.profiler tables of the first variant's
-first batch (GPU time and host time per op) to --out.
+first batch (GPU time and host time per op) to --out/decode_profile.txt.
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ def main() -> None:
                       events.table(sort_by="cuda_time_total", row_limit=30),
                       events.table(sort_by="self_cpu_time_total", row_limit=30)]
             (args.out / "decode_profile.txt").write_text("\n".join(tables))
-            profiler.export_chrome_trace(str(args.out / "decode_trace.json"))
 
 
 if __name__ == "__main__":
