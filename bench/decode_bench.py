@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a ToolMMBench JSON file (its missing media: text-only)")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-tokens", type=int, default=65536, help="KV-cache cap per batch (inference.max_batch_tokens)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("/tmp/decode_bench"))
     args = parser.parse_args()
@@ -74,13 +75,13 @@ def main() -> None:
         def run(prompts=prompts):
             return generate_responses(model, tokenizer, prompts, [None] * len(prompts), variant["batch_size"],
                                       args.max_new_tokens, show_progress=False, cache=variant["cache"],
-                                      compile=variant["compile"], constraint=trie if variant["constrained"] else None)
+                                      compile=variant["compile"], max_batch_tokens=args.max_batch_tokens, constraint=trie if variant["constrained"] else None)
         if variant["compile"]:  # compile on one batch first, reported apart
             _, compile_s = synchronized_seconds(lambda: run(prompts[: variant["batch_size"]]))
             variant["first_batch_with_compile_s"] = round(compile_s, 2)
         responses, seconds = synchronized_seconds(run)
         tokens = sum(len(tokenizer.encode(r)) for r in responses)
-        print(json.dumps({**variant, "seconds": round(seconds, 2), "queries_per_s": round(len(prompts) / seconds, 1),
+        print(json.dumps({**variant, "max_batch_tokens": args.max_batch_tokens, "seconds": round(seconds, 2), "queries_per_s": round(len(prompts) / seconds, 1),
                           "generated_tokens_mean": round(tokens / len(responses), 1),
                           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if CUDA else None}),
               flush=True)

@@ -246,6 +246,10 @@ class InferenceConfig:
     """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
     merge_lora: bool = True
     """Fold LoRA into the base weights before answering (faster decoding; false keeps the adapters apart)."""
+    max_batch_tokens: int | None = None
+    """Cap on a generation batch's KV cache, in padded tokens (rows × (longest prompt +
+    max_new_tokens)): batches of long prompts get fewer rows. A 7B model's cache takes 0.5 MiB
+    a token in bf16, so 65536 tokens are 32 GiB."""
     cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache of generation: dynamic grows by concatenation each step; static is preallocated
     (prompt + max_new_tokens) and written in place."""

@@ -39,10 +39,20 @@ def cut_at_stop(text: str) -> str:
     return text if index < 0 else text[: index + len(STOP_STRING)]
 
 
-def _batches(prompts: list[torch.Tensor], batch_size: int) -> list[list[int]]:
-    """Prompt indices batched by length, so little compute goes to padding."""
+def _batches(prompts: list[torch.Tensor], batch_size: int, max_tokens: int | None = None,
+             new_tokens: int = 0) -> list[list[int]]:
+    """Prompt indices batched by length, so little compute goes to padding: at most
+    ``batch_size`` prompts, and with ``max_tokens``, at most that many padded tokens of KV cache
+    (rows × (longest prompt + ``new_tokens``)), so a batch of long prompts stays in memory."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, batch = [], []
+    for i in order:
+        tokens = (len(batch) + 1) * (len(prompts[i]) + new_tokens)  # sorted: prompt i is the longest so far
+        if batch and (len(batch) == batch_size or (max_tokens is not None and tokens > max_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
 
 
 def _embed_batch(model: ToolLMM, prompts, features, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +76,7 @@ def generate_responses(
     constraint: AnswerTrie | None = None,
     cache: str = "dynamic",
     compile: bool = False,
+    max_batch_tokens: int | None = None,
 ) -> list[str]:
     """One response per prompt (token ids with media slots), in input order.
 
@@ -73,7 +84,7 @@ def generate_responses(
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
     tool reached, and ``max_new_tokens`` is the longest answer plus one (EOS), since a cut
-    answer would be no answer. ``cache`` and ``compile``: see ``InferenceConfig``.
+    answer would be no answer. ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
     """
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(prompts)
@@ -81,7 +92,8 @@ def generate_responses(
     if constraint is not None:
         max_new_tokens = constraint.max_length + 1
         sampling["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(constraint, tokenizer.eos_token_id)])
-    for batch in tqdm(_batches(prompts, batch_size), desc="generate", disable=not show_progress, leave=False):
+    batches = _batches(prompts, batch_size, max_batch_tokens, max_new_tokens)
+    for batch in tqdm(batches, desc="generate", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
         output = model.llm.generate(
             inputs_embeds=embeds,

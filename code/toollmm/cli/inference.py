@@ -76,6 +76,8 @@ def parse_args(argv):
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="cap a batch's KV cache at this many padded tokens (inference.max_batch_tokens)")
     parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
                         help="KV cache of generation (inference.cache): static is preallocated and written in place")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -201,7 +203,7 @@ def answer_queries(args) -> list[dict]:
     start = time.perf_counter()
     settings = config.inference
     for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method", "cache",
-                 "compile"):
+                 "compile", "max_batch_tokens"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     check_beam_settings(args, settings)
@@ -240,6 +242,7 @@ def answer_queries(args) -> list[dict]:
         model, tokenizer, prompts, query_features,
         settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
         constraint=trie if settings.constrained else None, cache=settings.cache, compile=settings.compile,
+        max_batch_tokens=settings.max_batch_tokens,
     )
     seconds = time.perf_counter() - start
     log.info("answered %d queries in %.1f s (%.1f queries/s, batch size %d, %s)", len(prompts), seconds,
