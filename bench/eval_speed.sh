@@ -22,11 +22,11 @@ else
 fi
 for mode in $MODES; do
   flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
-  start=$(date +%s.%N)
+  start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
   python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${source[@]}" --batch-size "$BATCH" \
     --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
-    | grep -E "loaded in|featurized|answered|written|Error|error" || true
-  end=$(date +%s.%N)
+    | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
+  end=$(date +%s.%N); echo "exited $(date +%T.%N)"
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))

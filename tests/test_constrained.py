@@ -299,7 +299,7 @@ def test_static_cache_answers_as_the_dynamic_one(model, tokenizer, prompts, smal
     ids, features = prompts
     for constraint in (None, small_trie):
         dynamic = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
-                                     show_progress=False, constraint=constraint)
+                                     show_progress=False, constraint=constraint, cache="dynamic")
         static = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
                                     show_progress=False, constraint=constraint, cache="static")
         assert static == dynamic

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from toollmm.config import RunConfig, config_from_dict, resolve_path
-from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, build_model, checkpoint_state, load_trainable_state
+from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, avoid_cudnn_attention, build_model, checkpoint_state, load_trainable_state
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
 
@@ -139,6 +139,7 @@ def load_for_inference(
     unless ``dtype`` says otherwise), frozen, and LoRA folded into the base when the config's
     ``inference.merge_lora`` is on."""
     device = torch.device(device)
+    avoid_cudnn_attention(device)
     model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=llm_path)
     if dtype is None:
         dtype = config.model.dtype if device.type == "cuda" else torch.float32

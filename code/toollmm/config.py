@@ -250,9 +250,10 @@ class InferenceConfig:
     """Cap on a generation batch's KV cache, in padded tokens (rows × (longest prompt +
     max_new_tokens)): batches of long prompts get fewer rows. A 7B model's cache takes 0.5 MiB
     a token in bf16, so 65536 tokens are 32 GiB."""
-    cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache of generation: dynamic grows by concatenation each step; static is preallocated
-    (prompt + max_new_tokens) and written in place."""
+    cache: Literal["dynamic", "static"] = "static"
+    """KV cache of generation: static is preallocated (prompt + max_new_tokens) and written in
+    place; dynamic grows by concatenation, which copies the whole cache every step (7B, H100,
+    2397 queries at batch 512: 13.4 s static, 24.8 s dynamic; equal on the tiny CPU model)."""
     compile: bool = False
     """With ``cache: static`` on CUDA, let transformers compile the decoding step (CUDA graphs):
     faster steps after a compile of tens of seconds for a 7B model, repeated per batch shape."""

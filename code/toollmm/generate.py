@@ -74,7 +74,7 @@ def generate_responses(
     top_p: float = 1.0,
     show_progress: bool = True,
     constraint: AnswerTrie | None = None,
-    cache: str = "dynamic",
+    cache: str = "static",
     compile: bool = False,
     max_batch_tokens: int | None = None,
 ) -> list[str]:

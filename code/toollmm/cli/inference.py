@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
 def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("starting on %s", device)
     start = time.perf_counter()
     model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
     log.info("model loaded in %.1f s", time.perf_counter() - start)

@@ -44,7 +44,7 @@ from toollmm.engine import (
     resume_tags,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
-from toollmm.model.toollmm import build_model, optimizer_groups
+from toollmm.model.toollmm import avoid_cudnn_attention, build_model, optimizer_groups
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed()
-    if device.type == "cuda":
-        # SDPA's cuDNN backend builds an execution plan per new sequence length on the host
-        # (1.5 ms forward, 1.8 ms backward per layer call, profiled on an H200 at 7B); length-grouped
-        # batches bring a new length nearly every step, so the GPU waited. Flash has no such cost.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    avoid_cudnn_attention(device)
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -157,9 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
     model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
-        # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.set_activation_checkpointing(config.train.gradient_checkpointing)
+        model.set_activation_checkpointing(config.train.gradient_checkpointing)  # before compile: it compiles the switch
     if config.train.compile:
         # Per layer, not the whole model: the 32 identical layers share one compiled graph
         # (compile time of one layer), and the loss code around them stays eager.
