@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
     model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
-        model.set_activation_checkpointing(config.train.gradient_checkpointing)  # before compile: it compiles the switch
+        model.set_activation_checkpointing(config.train.gradient_checkpointing)
     if config.train.compile:
         # Per layer, not the whole model: the 32 identical layers share one compiled graph
         # (compile time of one layer), and the loss code around them stays eager.

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from toollmm.config import OUTPUT_MODALITIES, ModelConfig, resolve_path
@@ -127,11 +126,16 @@ class ToolLMM(nn.Module):
         return self.causal_lm().model.layers
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute the decoder layers in the backward pass or not; may change per batch."""
+        """Per batch: recompute the decoder layers in the backward pass or not. transformers'
+        checkpointing wraps each layer's ``__call__``, outside what ``layer.compile()`` compiles:
+        the recompute reruns the compiled forward. (A checkpoint inside the compiled forward
+        failed in inductor's partitioner on CUDA, torch 2.11: "Node mm_31 was invalid, but is
+        output".)"""
+        if not hasattr(self.decoder_layers()[0], "_gradient_checkpointing_func"):  # installed once
+            # Non-reentrant: the frozen base's inputs need no grad for the recomputation to work.
+            self.causal_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for layer in self.decoder_layers():
-            if not hasattr(layer, "recompute"):
-                recompute_inside_forward(layer)
-            layer.recompute = enabled
+            layer.gradient_checkpointing = enabled
 
     def merge_lora(self) -> None:
         """Fold LoRA into the base weights, for inference: the same function up to the weights'
@@ -144,23 +148,6 @@ class ToolLMM(nn.Module):
         """The input-embedding and LM-head matrices (one, when they are tied)."""
         weights = [self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight]
         return weights[:1] if weights[0] is weights[1] else weights
-
-
-def recompute_inside_forward(layer: nn.Module) -> None:
-    """Activation checkpointing of ``layer`` inside its own ``forward`` (non-reentrant), switched
-    by ``layer.recompute``. transformers' gradient checkpointing wraps the layer's ``__call__``,
-    outside what ``layer.compile()`` compiles: under train.compile the checkpointed batches then
-    ran eager, at 5.5× a compiled batch's time for 2.9× its tokens (H100, 7B). Inside ``forward``,
-    dynamo traces the checkpoint with the layer (one graph with it, one without)."""
-    plain = layer.forward
-
-    def forward(*args, **kwargs):
-        if layer.recompute and torch.is_grad_enabled():
-            return checkpoint(plain, *args, use_reentrant=False, **kwargs)
-        return plain(*args, **kwargs)
-
-    layer.recompute = False
-    layer.forward = forward
 
 
 def alignment_losses(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
