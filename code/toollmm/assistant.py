@@ -41,10 +41,9 @@ from toollmm.generate import beam_top_k, generate_responses, left_pad, rank_tool
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
 from toollmm.model.toollmm import ToolLMM
-from toollmm.prompts import IGNORE_INDEX, STOP_STRING, build_example, parse_answer
+from toollmm.prompts import IGNORE_INDEX, MODES, STOP_STRING, build_example, parse_answer
 
 log = logging.getLogger(__name__)
-MODES = ("chat", "tool")
 _TAG = re.compile(r"<(Image|Audio|Video)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
 
 

@@ -40,6 +40,9 @@ ASSISTANT = "\n### Assistant: "
 ANSWER_PREFIX = "{'api_name': "
 ANSWER_SUFFIX = "}"
 STOP_STRING = "\n###"
+MODES = ("chat", "tool")
+"""How a free prompt is answered (``toollmm.assistant``): chat generates freely, signal-token
+runs becoming media; tool picks a catalogue tool."""
 
 
 def format_answer(tool: str) -> str:

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-from toollmm.assistant import MODES, Assistant, parse_prompt
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
@@ -54,7 +53,7 @@ from toollmm.data.toolmmbench import DataReport
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
-from toollmm.prompts import build_example, parse_answer
+from toollmm.prompts import MODES, build_example, parse_answer
 
 log = logging.getLogger("toollmm.inference")
 
@@ -129,6 +128,10 @@ def read_prompts(args) -> list[str]:
 
 def answer_prompts(args) -> list[dict]:
     """Prompt mode: the Assistant over the prompts, in batches of the inference batch size."""
+    # Imported here: the Assistant's decoders and media readers cost ~1 s of start-up (device
+    # measurement) that split/data mode, the timed evaluation, does not need.
+    from toollmm.assistant import Assistant, parse_prompt
+
     if args.num_beams is not None:
         raise SystemExit("--num-beams applies to --split/--data; prompt mode takes inference.top_k_method's default beams")
     prompts = read_prompts(args)
