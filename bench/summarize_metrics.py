@@ -5,6 +5,11 @@
 Step time = differences of elapsed_s between consecutive logged optimizer steps, after the
 first ``--warmup`` steps (step 1 holds the first-call overheads).
 
+``epochs`` gives samples/s per epoch, each from the end of the previous epoch's last step (an
+epoch-end checkpoint save counts in the next epoch) and epoch 0 from the end of the warmup:
+a full epoch covers every row length once, long-row batches included, which a window of
+steps need not.
+
 MFU counts 4·N FLOPs per real (non-padding) token for a frozen base of N parameters with
 LoRA: the forward pass (2N) plus the backward pass's input gradients (2N); the weight
 gradients of the frozen base are never computed, LoRA's are negligible. MFU = tokens/s × 4N /
@@ -50,7 +55,28 @@ def summarize(path: Path, warmup: int, params: float | None = None, peak_tflops:
         "token_accuracy_last": round(rows[-1].get("token_accuracy", float("nan")), 4),
         "lr_last": rows[-1]["lr"],
         **_tokens(steady, span_s, params, peak_tflops),
+        "epochs": _per_epoch(rows, warmup, params),
     }
+
+
+def _per_epoch(rows: list[dict], warmup: int, params: float | None) -> list[dict]:
+    out = []
+    for epoch in sorted({r.get("epoch", 0) for r in rows}):
+        indices = [i for i, r in enumerate(rows) if r.get("epoch", 0) == epoch]
+        start, end = max(indices[0] - 1, warmup), indices[-1]
+        if end <= start:
+            continue
+        first, last = rows[start], rows[end]
+        seconds = last["elapsed_s"] - first["elapsed_s"]
+        entry = {"epoch": epoch, "steps": f"{first['step'] + 1}-{last['step']}", "seconds": round(seconds, 2),
+                 "samples_per_s": round((last["samples_seen"] - first["samples_seen"]) / seconds, 1)}
+        if "tokens_seen" in last:
+            tokens_per_s = (last["tokens_seen"] - first["tokens_seen"]) / seconds
+            entry["real_tokens_per_s"] = round(tokens_per_s)
+            if params:
+                entry["mfu_4n_vs_790"] = round(tokens_per_s * 4 * params / 790e12, 4)
+        out.append(entry)
+    return out
 
 
 def _tokens(steady: list[dict], span_s: float, params: float | None, peak_tflops: float) -> dict:
@@ -77,6 +103,10 @@ def main(argv=None) -> None:
     summary = summarize(args.metrics, args.warmup, args.params, args.peak_tflops)
     width = max(map(len, summary))
     for key, value in summary.items():
+        if key == "epochs":
+            for entry in value:
+                print(f"{'epoch ' + str(entry['epoch']):<{width}}  " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "epoch"))
+            continue
         print(f"{key:<{width}}  {value}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
