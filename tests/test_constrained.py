@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, TINY_CONFIG, TINY_LLM
 from toollmm.catalogue import AnswerTrie, TrieLogitsProcessor
 from toollmm.config import load_config
 from toollmm.data import load_splits
-from toollmm.generate import (beam_top_k, cut_at_stop, generate_responses, left_pad, rank_tools,
+from toollmm.generate import (_batches, beam_top_k, cut_at_stop, generate_responses, left_pad, rank_tools,
                               score_catalogue)
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import STOP_STRING, build_example, format_answer, parse_answer
@@ -79,7 +79,7 @@ def test_trie_holds_exactly_the_catalogue(tokenizer, catalogue):
             trie.tool_for(ids[:-1])
     prefix = trie.common_prefix
     assert tokenizer.decode(prefix).startswith("{'api_name':") and all(ids[: len(prefix)] == tuple(prefix) for ids in answers)
-    assert trie.allowed[0] == prefix[:1]
+    assert list(trie.children[0]) == prefix[:1]
     assert trie.max_length == max(map(len, answers))
     with pytest.raises(KeyError):
         trie.walk(prefix + [tokenizer.eos_token_id])
@@ -95,14 +95,15 @@ def test_trie_refuses_ambiguous_catalogues(tokenizer):
 
 
 def reference_trie_scores(trie, eos, input_ids, scores):
-    """The processor's rule, row by row in Python, from ``AnswerTrie.walk`` and ``allowed``."""
+    """The processor's rule, row by row in Python, from ``AnswerTrie.walk`` and the children."""
     out = torch.full_like(scores, float("-inf"))
     for row, tokens in enumerate(input_ids.tolist()):
         node = trie.walk(tokens)
         if node in trie.tool_at:
             out[row, eos] = 0.0
         else:
-            out[row, trie.allowed[node]] = scores[row, trie.allowed[node]]
+            allowed = list(trie.children[node])
+            out[row, allowed] = scores[row, allowed]
     return out
 
 
@@ -303,3 +304,28 @@ def test_static_cache_answers_as_the_dynamic_one(model, tokenizer, prompts, smal
         static = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
                                     show_progress=False, constraint=constraint, cache="static")
         assert static == dynamic
+
+
+def test_batches_cap_the_kv_cache_tokens():
+    """inference.max_batch_tokens: rows × (longest prompt + new tokens) stays under the cap (a
+    prompt longer than the cap goes alone), every prompt once, shortest first."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 120, (300,), generator=generator).tolist() + [500]
+    prompts = [torch.zeros(n, dtype=torch.long) for n in lengths]
+    batches = _batches(prompts, batch_size=64, max_tokens=2048, new_tokens=10)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(prompts)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 64 and (len(batch) == 1 or len(batch) * (longest + 10) <= 2048)
+    assert batches[-1] == [300]  # 510 tokens: over a quarter of the cap, alone at the end
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(flat)
+    assert _batches(prompts, batch_size=64) == [sorted(range(301), key=lambda i: lengths[i])[i : i + 64] for i in range(0, 301, 64)]
+
+
+def test_capped_batches_answer_as_uncapped(model, tokenizer, prompts):
+    ids, features = prompts
+    uncapped = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=10, show_progress=False)
+    capped = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=10, show_progress=False,
+                                max_batch_tokens=60)
+    assert capped == uncapped

@@ -55,8 +55,6 @@ class AnswerTrie:
             if self.children[node]:
                 raise ValueError(self._prefix_error(index, self._any_tool_below(node)))
             self.tool_at[node] = index
-        # Precomputed so the processor does no per-step list building.
-        self.allowed = [list(c) for c in self.children]
 
     def _prefix_error(self, short: int, long: int) -> str:
         return (f"The answer of tool {self.tools[short]!r} is a token prefix of the answer of {self.tools[long]!r}: "
