@@ -3,28 +3,30 @@
 # evaluation size (2397 distinct requests: bench/make_eval_workload.py), loading included
 # (process start → predictions written), free and constrained decoding.
 # Run on the device after bench/speed.sh (its fast run leaves /tmp/speed_fast/final):
-#   CKPT=/tmp/speed_fast/final BATCH=1024 bash bench/eval_speed.sh [more inference.py flags]
-# A random-init model never writes the stop string, so free generation runs to
-# --max-new-tokens (the worst case); constrained answers end at the catalogue trie's leaf.
-# SPLIT=test answers the checkpoint config's test split instead of the workload file.
+#   CKPT=/tmp/speed_fast/final BATCH=768 bash bench/eval_speed.sh [more inference.py flags]
+# Batches hold at most MAX_BATCH_TOKENS (65536) padded tokens of KV cache (32 GiB at 7B). Free
+# generation stops at the stop string or --max-new-tokens 32 (the checkpoint of a 2-epoch speed
+# run wrote ~21 tokens an answer); constrained answers end at the catalogue trie's leaf.
+# SPLIT=test answers the checkpoint config's test split instead of the workload file; DATA_DIR is
+# the shared data folder the workload is built from (default .devdata/data, the copy carried to the device).
 # PROFILE=1: run under cProfile and print the 25 functions with the most host time.
 set -euo pipefail
 OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/speed_fast/final}
-BATCH=${BATCH:-1024}
+BATCH=${BATCH:-768}
 MODES=${MODES:-constrained free}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
 if [ -n "${SPLIT:-}" ]; then
   source=(--split "$SPLIT")
 else
-  python3 bench/make_eval_workload.py --data-dir .devdata/data --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
+  python3 bench/make_eval_workload.py --data-dir "${DATA_DIR:-.devdata/data}" --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
   source=(--data /tmp/eval_workload.json)
 fi
 for mode in $MODES; do
   flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
   start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
   python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${source[@]}" --batch-size "$BATCH" \
-    --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
+    --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}" --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
     | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N); echo "exited $(date +%T.%N)"
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
