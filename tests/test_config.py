@@ -45,6 +45,10 @@ def test_wrong_types_and_choices():
         load_config(3, overrides=["train.epochs=two"])
     with pytest.raises(ConfigError, match=r"model\.tuning: 'qlora' is not one of"):
         load_config(3, overrides=["model.tuning=qlora"])
+    with pytest.raises(ConfigError, match=r"train\.length_group_batches must be at least 1, got 0"):
+        load_config(3, overrides=["train.length_group_batches=0"])
+    with pytest.raises(ConfigError, match=r"inference\.max_batch_tokens must be at least 1 \(or null: no cap\), got 0"):
+        load_config(3, overrides=["inference.max_batch_tokens=0"])
     with pytest.raises(ConfigError, match="key.subkey=value"):
         load_config(3, overrides=["train.epochs"])
 

@@ -139,3 +139,25 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
     assert list(ranks[0]) == batches[0]  # deterministic for a seed and epoch
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != batches[0]
+
+
+def test_longer_length_groups_pad_less_on_toolmmbench(tokenizer):
+    """train.length_group_batches: sorting more global batches together leaves less padding on
+    the bundled ToolMMBench pairs at micro-batch 64, most of all in the longest-row batches
+    (what the GPU pays for: those batches recompute)."""
+    from toollmm.data.dataset import LengthGroupedBatchSampler
+    from toollmm.prompts import build_example, format_answer
+
+    records = []
+    for name in ("audio_tx2t.json", "video_tx2t.json", "combined_data.json"):
+        records += read_toolmmbench(BENCH / name, BENCH, "text_only")[0]
+    lengths = [len(build_example(tokenizer, r.query, False, format_answer(t), 512).input_ids) for r, t in training_pairs(records)]
+    whole_epoch = -(-len(lengths) // 64)
+    padding, longest = [], []
+    for groups in (32, 64, whole_epoch):
+        batches = list(LengthGroupedBatchSampler(lengths, 64, seed=0, group_batches=groups))
+        padded = sorted((max(lengths[i] for i in b) * len(b), sum(lengths[i] for i in b)) for b in batches)
+        padding.append(sum(p for p, _ in padded) / sum(r for _, r in padded))
+        longest.append(sum(p for p, _ in padded[-5:]) / sum(r for _, r in padded[-5:]))
+    assert padding[0] > padding[1] > padding[2] and padding[2] < 1.03
+    assert longest[0] > 1.3 > longest[2]  # the five longest-row batches: mostly padding at 32

@@ -223,6 +223,12 @@ class TrainConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, same objective); off
     reproduces the original's uniformly random batches."""
+    length_group_batches: int = 32
+    """With ``group_by_length``: how many global batches are sorted by length together. More
+    means less padding but batches less random in content. For the bundled ToolMMBench rows at
+    micro-batch 64, padded per real token is 1.079 at 32, 1.047 at 64 and 1.016 at 150 (the
+    whole epoch). The longest-row batches shrink most: 19-21k padded tokens at 32, for 12-14k
+    real."""
     compile: bool = False
     """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers): fuses
     the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile."""
@@ -365,7 +371,7 @@ def load_config(stage: int, extra_files: list[str | Path] = (), overrides: list[
 
 def validate(config: RunConfig) -> None:
     t = config.train
-    for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs"):
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs", "length_group_batches"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if not 0.0 <= config.data.split.test_fraction < 1.0:
@@ -378,6 +384,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"stage {t.stage} needs the signal tokens: set model.outputs.enabled=true")
     if config.inference.top_k < 1:
         raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
+    if config.inference.max_batch_tokens is not None and config.inference.max_batch_tokens < 1:
+        raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
     if config.model.tuning == "lora" and config.model.lora.r < 1:
         raise ConfigError("model.lora.r must be at least 1")
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise ConfigError(f"no training examples left (see {out_dir / 'data_report.json'} for why rows were skipped)")
     if config.train.group_by_length:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
-                                            world_size, rank, config.train.seed)
+                                            world_size, rank, config.train.seed, config.train.length_group_batches)
         batching = {"batch_sampler": sampler}
     else:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.train.seed)
