@@ -17,15 +17,15 @@ BATCH=${BATCH:-768}
 MODES=${MODES:-constrained free}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
 if [ -n "${SPLIT:-}" ]; then
-  source=(--split "$SPLIT")
+  workload=(--split "$SPLIT")
 else
   python3 bench/make_eval_workload.py --data-dir "${DATA_DIR:-.devdata/data}" --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
-  source=(--data /tmp/eval_workload.json)
+  workload=(--data /tmp/eval_workload.json)
 fi
 for mode in $MODES; do
   flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
   start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
-  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${source[@]}" --batch-size "$BATCH" \
+  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${workload[@]}" --batch-size "$BATCH" \
     --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}" --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
     | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N); echo "exited $(date +%T.%N)"

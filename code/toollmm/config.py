@@ -225,10 +225,10 @@ class TrainConfig:
     reproduces the original's uniformly random batches."""
     length_group_batches: int = 32
     """With ``group_by_length``: how many global batches are sorted by length together. More
-    means less padding but batches less random in content. For the bundled ToolMMBench rows at
-    micro-batch 64, padded per real token is 1.079 at 32, 1.047 at 64 and 1.016 at 150 (the
-    whole epoch). The longest-row batches shrink most: 19-21k padded tokens at 32, for 12-14k
-    real."""
+    means less padding but batches less random in content. On the 9553 training rows of
+    bench/speed.sh (tiny tokenizer, micro-batch 64, counted on CPU), padded per real token is
+    1.079 at 32, 1.047 at 64 and 1.016 at 150 (the whole epoch). The longest-row batches shrink
+    most: 19-21k padded tokens at 32, for 12-14k real."""
     compile: bool = False
     """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers): fuses
     the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile."""

@@ -46,7 +46,7 @@ import torch
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
-from toollmm.data import load_splits
+from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
 from toollmm.data.toolmmbench import DataReport
@@ -178,15 +178,17 @@ def check_beam_settings(args, settings) -> None:
                          f"use at least --num-beams {settings.top_k}")
 
 
-def select_queries(args, config) -> list[Query]:
-    data = copy.deepcopy(config.data)  # config.data keeps naming the training data (the catalogue)
+def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
+    """``--data``'s queries, or those of the checkpoint config's split (``splits``: that config's
+    ``load_splits``, when the caller has read it already)."""
     if args.data is not None:
+        data = copy.deepcopy(config.data)  # config.data keeps naming the training data (the catalogue)
         media_root = args.media_root or args.data.parent
         data.train_files, data.eval_files = [DataFile(str(args.data.resolve()), str(Path(media_root).resolve()))], []
         data.split.test_fraction = 0.0
         return group_queries(load_splits(data).train)
-    splits = load_splits(data)
-    return splits.test_queries() if args.split == "test" else splits.train_queries(data.train_eval_queries)
+    splits = splits if splits is not None else load_splits(config.data)
+    return splits.test_queries() if args.split == "test" else splits.train_queries(config.data.train_eval_queries)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -213,11 +215,14 @@ def answer_queries(args) -> list[dict]:
     check_beam_settings(args, settings)
 
     trie = None
+    needs_catalogue = (settings.constrained or settings.top_k > 1) and args.catalogue is None
+    # Read once: the split's queries and the catalogue come from the same files.
+    splits = load_splits(config.data) if args.data is None or needs_catalogue else None
     if settings.constrained or settings.top_k > 1:
-        catalogue = load_catalogue(args.catalogue) if args.catalogue else load_splits(config.data).catalogue
+        catalogue = load_catalogue(args.catalogue) if args.catalogue else splits.catalogue
         trie = AnswerTrie(tokenizer, catalogue)
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
-    queries = select_queries(args, config)
+    queries = select_queries(args, config, splits)
     if args.limit:
         queries = queries[: args.limit]
     if trie is not None:
