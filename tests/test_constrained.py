@@ -124,7 +124,12 @@ def test_processor_matches_a_per_row_walk(tokenizer, catalogue):
         input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), steps)
         scores = torch.randn(len(rows), len(tokenizer), generator=generator)
         processed = TrieLogitsProcessor(trie, eos)(input_ids, scores)
-        assert torch.equal(processed, reference_trie_scores(trie, eos, input_ids, scores)), steps
+        reference = reference_trie_scores(trie, eos, input_ids, scores)
+        assert torch.equal(processed, reference), steps
+        prefix = trie.common_prefix  # the same rows with their common head fed as the prompt
+        if steps >= len(prefix):
+            after_prefix = TrieLogitsProcessor(trie, eos, answer_prefix=prefix)(input_ids[:, len(prefix) :], scores)
+            assert torch.equal(after_prefix, reference), steps
     off_path = torch.tensor([trie.common_prefix + [eos]])
     with pytest.raises(ValueError, match="left the answer trie"):
         TrieLogitsProcessor(trie, eos)(off_path, torch.zeros(1, len(tokenizer)))
@@ -153,6 +158,24 @@ def test_processor_sees_only_generated_tokens(model, tokenizer, prompts, small_t
         tool = small_trie.tool_for(row)
         n = len(tokenizer.encode(format_answer(tool)))
         assert row[:n] == tokenizer.encode(format_answer(tool)) and set(row[n:]) <= {tokenizer.eos_token_id}
+
+
+def test_constrained_answers_equal_decoding_from_the_trie_root(model, tokenizer, prompts, catalogue):
+    """generate_responses feeds the answers' common prefix with the prompt: the greedy answers are
+    those of decoding every answer token, the prefix's forced tokens included."""
+    ids, features = prompts
+    trie = AnswerTrie(tokenizer, catalogue)
+    assert len(trie.common_prefix) >= 3
+    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
+    embeds = model.embed_inputs(input_ids, torch.stack([f for f in features if f is not None]))
+    with torch.no_grad():
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=trie.max_length + 1,
+                                 do_sample=False, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, tokenizer.eos_token_id)]))
+    expected = [format_answer(trie.tool_for(row)) for row in out.tolist()]
+    assert generate_responses(model, tokenizer, ids, features, batch_size=len(ids), show_progress=False,
+                              constraint=trie) == expected
 
 
 def test_constrained_answers_are_catalogue_members_batched_as_alone(model, tokenizer, prompts, small_trie):

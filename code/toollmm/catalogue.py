@@ -130,10 +130,10 @@ class TrieTensors:
         self.leaf[list(trie.tool_at)] = True
         self.leaf = self.leaf.to(device)
 
-    def walk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node reached by each row of ``tokens`` (rows, steps) and whether the row stayed in the
-        trie; tokens after a leaf (EOS, padding) are ignored, as in ``AnswerTrie.walk``."""
-        node = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    def walk(self, tokens: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node reached by each row of ``tokens`` (rows, steps) from node ``start`` and whether the
+        row stayed in the trie; tokens after a leaf (EOS, padding) are ignored, as in ``AnswerTrie.walk``."""
+        node = torch.full((tokens.shape[0],), start, dtype=torch.long, device=tokens.device)
         valid = torch.ones_like(node, dtype=torch.bool)
         for step in range(tokens.shape[1]):
             key = node * self.STRIDE + tokens[:, step]
@@ -164,21 +164,28 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     Finished rows get EOS at score 0 (probability 1): with beam search the trailing EOS then
     adds nothing, and a beam's score is exactly log p(answer | prompt).
+
+    ``answer_prefix``: answer tokens already fed with the prompt (``generate_responses`` feeds
+    ``trie.common_prefix``); the walk over the generated tokens starts where they lead.
     """
 
-    def __init__(self, trie: AnswerTrie, eos_token_id: int, prompt_length: int = 0):
+    def __init__(self, trie: AnswerTrie, eos_token_id: int, prompt_length: int = 0, answer_prefix: Sequence[int] = ()):
         self.trie = trie
         self.eos_token_id = eos_token_id
         self.prompt_length = prompt_length
+        self.answer_prefix = list(answer_prefix)
+        self._start = trie.walk(self.answer_prefix)
+        if self._start in trie.tool_at:
+            raise ValueError(f"answer_prefix {self.answer_prefix} is a whole answer: nothing is left to generate")
         self._tensors: TrieTensors | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._tensors is None or self._tensors.keys.device != scores.device:
             self._tensors = TrieTensors(self.trie, scores.device)
         generated = input_ids[:, self.prompt_length :]
-        node, valid = self._tensors.walk(generated)
+        node, valid = self._tensors.walk(generated, self._start)
         if not bool(valid.all()):
-            tokens = generated[int((~valid).nonzero()[0, 0])].tolist()
+            tokens = self.answer_prefix + generated[int((~valid).nonzero()[0, 0])].tolist()
             raise ValueError(
                 f"generated tokens {tokens} left the answer trie: generate passed the prompt too? "
                 "Set TrieLogitsProcessor(prompt_length=...) to the prompt's token count."

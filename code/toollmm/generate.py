@@ -84,14 +84,21 @@ def generate_responses(
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
     tool reached, and ``max_new_tokens`` is the longest answer plus one (EOS), since a cut
-    answer would be no answer. ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
+    answer would be no answer (the answers' common prefix goes in with the prompt). ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
     """
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    forced: list[int] = []
     if constraint is not None:
-        max_new_tokens = constraint.max_length + 1
-        sampling["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(constraint, tokenizer.eos_token_id)])
+        # Every answer opens with the trie's common prefix ("{'api_name': "), one allowed token a
+        # step: fed with the prompt, it costs part of one prefill instead of ~6 decoding steps of
+        # the whole batch, and the answers are the same.
+        forced = constraint.common_prefix
+        prompts = [torch.cat([p, torch.tensor(forced, dtype=p.dtype)]) for p in prompts]
+        max_new_tokens = constraint.max_length - len(forced) + 1
+        sampling["logits_processor"] = LogitsProcessorList(
+            [TrieLogitsProcessor(constraint, tokenizer.eos_token_id, answer_prefix=forced)])
     batches = _batches(prompts, batch_size, max_batch_tokens, max_new_tokens)
     for batch in tqdm(batches, desc="generate", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
@@ -111,7 +118,7 @@ def generate_responses(
         # With inputs_embeds and no input_ids, generate returns only the new tokens.
         for i, ids in zip(batch, output):
             if constraint is not None:
-                responses[i] = format_answer(constraint.tool_for(ids.tolist()))
+                responses[i] = format_answer(constraint.tool_for(forced + ids.tolist()))
             else:
                 responses[i] = cut_at_stop(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
     return responses
