@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("/tmp/decode_bench"))
     args = parser.parse_args()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as code/inference.py
     args.out.mkdir(parents=True, exist_ok=True)
 
     (model, tokenizer, config, _), load_s = synchronized_seconds(lambda: load_for_inference(args.ckpt, "cuda" if CUDA else "cpu"))

@@ -31,6 +31,9 @@ def test_published_deepspeed_values():
     assert scheduler["type"] == "WarmupDecayLR"
     assert scheduler["params"]["total_num_steps"] == 1000 and scheduler["params"]["warmup_num_steps"] == 100
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["bf16"]["check_grad_overflow"]  # DeepSpeed's default; the fast bench path turns it off
+    fast = deepspeed_config(load_config(3, overrides=["train.grad_overflow_check=false"]), world_size=1, total_steps=10)
+    assert fast["bf16"] == {"enabled": True, "check_grad_overflow": False}
 
 
 def test_unknown_key_is_named():

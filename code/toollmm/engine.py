@@ -41,7 +41,7 @@ def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> di
     ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
     dtype = config.model.dtype
-    ds["bf16"] = {"enabled": dtype == "bf16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == "bf16", "check_grad_overflow": t.grad_overflow_check}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
     if t.learning_rate is not None:
         ds["optimizer"]["params"]["lr"] = t.learning_rate
