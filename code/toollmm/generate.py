@@ -92,8 +92,8 @@ def generate_responses(
     forced: list[int] = []
     if constraint is not None:
         # Every answer opens with the trie's common prefix ("{'api_name': "), one allowed token a
-        # step: fed with the prompt, it costs part of one prefill instead of ~6 decoding steps of
-        # the whole batch, and the answers are the same.
+        # step: fed with the prompt, it costs part of one prefill instead of a decoding step of the
+        # whole batch per token (5 with a 32000-token vocabulary), and the answers are the same.
         forced = constraint.common_prefix
         prompts = [torch.cat([p, torch.tensor(forced, dtype=p.dtype)]) for p in prompts]
         max_new_tokens = constraint.max_length - len(forced) + 1
