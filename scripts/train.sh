@@ -4,9 +4,19 @@
 # machine), launched by torchrun; DeepSpeed runs inside each process.
 # Several machines: run the same command on every node with NNODES, NODE_RANK (0 on the first),
 # MASTER_ADDR (the first node's address) and optionally MASTER_PORT (default 29500) set.
+# Or, from the first node only, HOSTFILE=path (DeepSpeed's format, a line "host slots=GPUs" per
+# node; needs passwordless ssh to each): DeepSpeed's launcher starts every node's processes.
+# DS_LAUNCHER_ARGS adds launcher flags, e.g. "--no_ssh --node_rank N" run on each node of a
+# cluster without ssh (then MASTER_ADDR names the first node).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
+if [ -n "${HOSTFILE:-}" ]; then
+  # --no_local_rank: each process reads LOCAL_RANK from its environment, as under torchrun.
+  read -ra launcher_args <<< "${DS_LAUNCHER_ARGS:-}"
+  exec "$python" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_local_rank "${launcher_args[@]}" \
+    ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" "$root/code/train.py" "$@"
+fi
 nproc=${NPROC:-$("$python" -c "import torch; print(max(1, torch.cuda.device_count()))")}
 if [ "${NNODES:-1}" -gt 1 ]; then
   nodes=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on each node}"

@@ -109,6 +109,22 @@ def test_sigkill_then_resume_continues_exactly(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
+def test_deepspeed_hostfile_launch_is_the_same_run(uninterrupted, tmp_path):
+    """scripts/train.sh with HOSTFILE goes through DeepSpeed's launcher (the multi-node path; here
+    one local node, --no_ssh since CI has no ssh server): the same steps, losses and weights as a
+    plain process."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    run = tmp_path / "hostfile_run"
+    env = {**os.environ, "PYTHON": sys.executable, "HOSTFILE": str(hostfile), "DS_LAUNCHER_ARGS": "--no_ssh --node_rank 0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + os.getpid() % 300)}
+    result = subprocess.run(train_command(run), cwd="/", env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deepspeed.launcher.launch" in result.stderr + result.stdout  # DeepSpeed's launcher, not torchrun
+    assert_same_run(run, uninterrupted)
+
+
+@pytest.mark.slow
 def test_corrupt_latest_resume_state_falls_back_to_the_previous(uninterrupted, tmp_path):
     run = tmp_path / "corrupt"
     shutil.copytree(uninterrupted, run)
