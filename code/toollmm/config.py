@@ -212,10 +212,11 @@ class TrainConfig:
     grad_overflow_check: bool = True
     """bf16: DeepSpeed's scan of every gradient for inf/NaN before each optimizer step (a step
     with one is skipped). It runs ~6 small kernels per trainable tensor from the host (258
-    tensors with LoRA at 7B): ~56 ms of host time in a 270-320 ms 64-row step on an H100, the GPU
-    mostly idle meanwhile (torch.profiler; bench/trace_gaps.py). Off: a non-finite loss is still skipped before its
-    backward; non-finite gradients from a finite loss would reach the weights, the next losses
-    turn non-finite and the run stops after ``max_nonfinite_in_a_row``. fp16 always scans (its loss scaling needs it)."""
+    tensors with LoRA at 7B): ~56 ms of host time in a 270-320 ms 64-row step on an H100, the
+    GPU mostly idle meanwhile (torch.profiler; bench/trace_gaps.py). Off: a non-finite loss is
+    still skipped before its backward; non-finite gradients from a finite loss would reach the
+    weights, the next losses turn non-finite and the run stops after ``max_nonfinite_in_a_row``.
+    fp16 always scans (its loss scaling needs it)."""
     offload_optimizer: bool = False
     """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
     gradient_checkpointing: bool = False

@@ -84,7 +84,8 @@ def generate_responses(
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
     tool reached, and ``max_new_tokens`` is the longest answer plus one (EOS), since a cut
-    answer would be no answer (the answers' common prefix goes in with the prompt). ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
+    answer would be no answer (the answers' common prefix goes in with the prompt).
+    ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
     """
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(prompts)
