@@ -109,6 +109,23 @@ def test_sigkill_then_resume_continues_exactly(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
+def test_cold_and_warm_feature_cache_train_the_same(tiny_default, tmp_path):
+    """A run that extracts its features (cold cache) and one that reads them (warm) end with the
+    same weights: extraction's draws from the RNG must not move the model's initialisation."""
+    cache = f"data.feature_cache_dir={tmp_path / 'features'}"
+    weights = []
+    for name in ("cold", "warm"):
+        run = tmp_path / name
+        result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", cache,
+                           "train.max_steps=2", "model.tuning=lora", "train.micro_batch_size=4", "train.gradient_accumulation_steps=1")
+        assert ("extracting" in result.stderr) == (name == "cold")  # the cold run encoded media, the warm one did not
+        weights.append(load_file(run / "final" / "trainable.safetensors"))
+    cold, warm = weights
+    assert cold.keys() == warm.keys() and any("input_projector" in k for k in cold)
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+
+
+@pytest.mark.slow
 def test_deepspeed_hostfile_launch_is_the_same_run(uninterrupted, tmp_path):
     """scripts/train.sh with HOSTFILE goes through DeepSpeed's launcher (the multi-node path; here
     one local node, --no_ssh since CI has no ssh server): the same steps, losses and weights as a
