@@ -135,6 +135,18 @@ def test_processor_matches_a_per_row_walk(tokenizer, catalogue):
         TrieLogitsProcessor(trie, eos)(off_path, torch.zeros(1, len(tokenizer)))
 
 
+def greedy_with_processor(model, tokenizer, prompts, processor, max_new_tokens):
+    """Plain greedy ``generate`` over all prompts in one left-padded batch, with one logits processor
+    and no stop string: the new tokens of each row."""
+    ids, features = prompts
+    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
+    embeds = model.embed_inputs(input_ids, torch.stack([f for f in features if f is not None]))
+    with torch.no_grad():
+        return model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([processor]))
+
+
 def test_processor_sees_only_generated_tokens(model, tokenizer, prompts, small_trie):
     """generate with inputs_embeds and left padding: the hook gets (rows, 0) first, then the new tokens."""
     seen = []
@@ -144,14 +156,8 @@ def test_processor_sees_only_generated_tokens(model, tokenizer, prompts, small_t
             seen.append(input_ids.clone())
             return super().__call__(input_ids, scores)
 
-    ids, features = prompts
-    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
-    embeds = model.embed_inputs(input_ids, torch.stack([f for f in features if f is not None]))
-    with torch.no_grad():
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=small_trie.max_length + 1,
-                                 do_sample=False, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 logits_processor=LogitsProcessorList([Recording(small_trie, tokenizer.eos_token_id)]))
+    ids, _ = prompts
+    out = greedy_with_processor(model, tokenizer, prompts, Recording(small_trie, tokenizer.eos_token_id), small_trie.max_length + 1)
     assert [tuple(s.shape) for s in seen] == [(len(ids), t) for t in range(len(seen))]
     assert all(torch.equal(s, out[:, : s.shape[1]]) for s in seen)
     for row in out.tolist():  # without the stop string, the forced EOS ends each answer
@@ -166,13 +172,7 @@ def test_constrained_answers_equal_decoding_from_the_trie_root(model, tokenizer,
     ids, features = prompts
     trie = AnswerTrie(tokenizer, catalogue)
     assert len(trie.common_prefix) >= 3
-    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
-    embeds = model.embed_inputs(input_ids, torch.stack([f for f in features if f is not None]))
-    with torch.no_grad():
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=trie.max_length + 1,
-                                 do_sample=False, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, tokenizer.eos_token_id)]))
+    out = greedy_with_processor(model, tokenizer, prompts, TrieLogitsProcessor(trie, tokenizer.eos_token_id), trie.max_length + 1)
     expected = [format_answer(trie.tool_for(row)) for row in out.tolist()]
     assert generate_responses(model, tokenizer, ids, features, batch_size=len(ids), show_progress=False,
                               constraint=trie) == expected
