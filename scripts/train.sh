@@ -12,6 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
 if [ -n "${HOSTFILE:-}" ]; then
+  # DeepSpeed's launcher would fall back to this machine alone, silently, on a missing hostfile.
+  [ -f "$HOSTFILE" ] || { echo "HOSTFILE=$HOSTFILE: no such file (DeepSpeed's format: a line \"host slots=GPUs\" per node)" >&2; exit 2; }
   # --no_local_rank: each process reads LOCAL_RANK from its environment, as under torchrun.
   read -ra launcher_args <<< "${DS_LAUNCHER_ARGS:-}"
   exec "$python" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_local_rank "${launcher_args[@]}" \

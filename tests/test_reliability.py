@@ -125,6 +125,15 @@ def test_cold_and_warm_feature_cache_train_the_same(tiny_default, tmp_path):
     assert all(torch.equal(cold[k], warm[k]) for k in cold)
 
 
+def test_missing_hostfile_is_named(tmp_path):
+    """A HOSTFILE that does not exist stops the launch (DeepSpeed would train on this machine alone)."""
+    missing = tmp_path / "hostfile"
+    result = subprocess.run(train_command(tmp_path / "run"), cwd="/", capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, "HOSTFILE": str(missing)})
+    assert result.returncode == 2 and f"HOSTFILE={missing}: no such file" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_deepspeed_hostfile_launch_is_the_same_run(uninterrupted, tmp_path):
     """scripts/train.sh with HOSTFILE goes through DeepSpeed's launcher (the multi-node path; here
