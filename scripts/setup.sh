@@ -4,10 +4,19 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-[ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.toollmm-installed
 want=$(cat requirements.txt requirements-test.txt requirements-reference.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch's CUDA build alone is ~4 GB of the ~6 GB venv; a full disk would stop pip halfway
+  # with a bare "No space left on device", so say what is needed before starting.
+  need_gb=${TOOLLMM_SETUP_NEEDS_GB:-7}
+  free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "setup.sh: only ${free_gb} GB free on the disk holding $root; installing .venv needs about ${need_gb} GB." >&2
+    echo "Free space there (old clones, checkpoints under /tmp) and run again." >&2
+    exit 1
+  fi
+  [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
   .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt

@@ -210,3 +210,17 @@ def test_training_steps_run_in_training_mode(tiny_default, tmp_path):
     line = next(l for l in result.stdout.splitlines() if l.startswith("TRAINING_MODE"))
     in_training, calls = map(int, line.split()[1:])
     assert calls > 0 and in_training == calls
+
+
+def test_setup_stops_before_installing_on_a_full_disk(tmp_path):
+    # A copy of the project's install files in an empty folder: setup.sh must refuse before it
+    # creates .venv, and name the folder and the space it needs.
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts")
+    for name in ("requirements.txt", "requirements-test.txt", "requirements-reference.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path)
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "TOOLLMM_SETUP_NEEDS_GB": "1000000000"})
+    assert result.returncode == 1
+    assert "installing .venv needs about 1000000000 GB" in result.stderr and str(tmp_path) in result.stderr
+    assert not (tmp_path / ".venv").exists()
