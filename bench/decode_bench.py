@@ -5,7 +5,8 @@ model loads once), on the evaluation workload of bench/eval_speed.sh.
         --variant free:256:dynamic --variant free:1024:static --variant constrained:1024:dynamic --profile
 
 A variant is MODE:BATCH:CACHE[:compile], MODE free or constrained. Prints one JSON line per
-variant (seconds, queries/s) and, with --profile, torch.profiler tables of the first variant's
+variant (seconds, queries/s, LLM forward calls: prefills, decoding steps and rows × steps)
+and, with --profile, torch.profiler tables of the first variant's
 first batch (GPU time and host time per op) to --out/decode_profile.txt.
 """
 
@@ -73,7 +74,22 @@ def main() -> None:
                       "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1),
                       "answer_tokens_max": trie.max_length}), flush=True)
 
+    # Forward calls of the LLM, split into prefills and one-token decoding steps: rows × steps is
+    # the decoding work whatever the device, so settings compare on a CPU too.
+    calls = {"prefill": 0, "decode_steps": 0, "decode_row_steps": 0}
+
+    def count_forward(module, args_, kwargs):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        if inputs is None or inputs.shape[1] > 1:
+            calls["prefill"] += 1
+        else:
+            calls["decode_steps"] += 1
+            calls["decode_row_steps"] += inputs.shape[0]
+
+    model.llm.register_forward_pre_hook(count_forward, with_kwargs=True)
+
     for index, variant in enumerate(args.variant):
+        calls.update(dict.fromkeys(calls, 0))
         def run(prompts=prompts):
             return generate_responses(model, tokenizer, prompts, [None] * len(prompts), variant["batch_size"],
                                       args.max_new_tokens, show_progress=False, cache=variant["cache"],
@@ -84,7 +100,7 @@ def main() -> None:
         responses, seconds = synchronized_seconds(run)
         tokens = sum(len(tokenizer.encode(r)) for r in responses)
         print(json.dumps({**variant, "max_batch_tokens": args.max_batch_tokens, "seconds": round(seconds, 2), "queries_per_s": round(len(prompts) / seconds, 1),
-                          "generated_tokens_mean": round(tokens / len(responses), 1),
+                          "generated_tokens_mean": round(tokens / len(responses), 1), **calls,
                           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if CUDA else None}),
               flush=True)
         if CUDA:

@@ -94,12 +94,40 @@ def test_trie_refuses_ambiguous_catalogues(tokenizer):
         AnswerTrie(tokenizer, [" gpt2", "a}b", "unknown"])
 
 
-def reference_trie_scores(trie, eos, input_ids, scores):
+def test_decided_nodes_hold_one_answer(tokenizer, catalogue):
+    """only_answer, decision_length and tool_decided_by against the answers' token lists."""
+    trie = AnswerTrie(tokenizer, catalogue)
+    below = {}  # node -> tools whose answer passes through it
+    for tool, ids in zip(trie.tools, trie.sequences):
+        node = 0
+        for token in [None] + ids:
+            node = node if token is None else trie.children[node][token]
+            below.setdefault(node, []).append(tool)
+    assert len(below) == len(trie.children)
+    assert all((trie.only_answer[n] >= 0) == (len(tools) == 1) for n, tools in below.items())
+    assert all(trie.tools[trie.only_answer[n]] == tools[0] for n, tools in below.items() if len(tools) == 1)
+    decided_at = []  # per answer: tokens until its node holds only it
+    for tool, ids in zip(trie.tools, trie.sequences):
+        depth = next(d for d in range(len(ids) + 1) if trie.only_answer[trie.walk(ids[:d])] >= 0)
+        decided_at.append(depth)
+        assert trie.tool_decided_by(ids[:depth] + [tokenizer.eos_token_id, 0]) == tool  # padding after it is ignored
+        assert trie.tool_decided_by(ids) == tool
+        if depth > 0:
+            with pytest.raises(ValueError, match="do not decide a catalogue answer"):
+                trie.tool_decided_by(ids[: depth - 1])
+    prefix = trie.common_prefix
+    assert trie.decision_length(prefix) == max(decided_at) - len(prefix) < trie.max_length - len(prefix)
+    assert trie.decision_length() == max(decided_at)
+    single = AnswerTrie(tokenizer, ["gpt2"])  # one tool: decided before any token
+    assert single.decision_length() == 0 and single.tool_decided_by([]) == "gpt2"
+
+
+def reference_trie_scores(trie, eos, input_ids, scores, stop_when_decided=False):
     """The processor's rule, row by row in Python, from ``AnswerTrie.walk`` and the children."""
     out = torch.full_like(scores, float("-inf"))
     for row, tokens in enumerate(input_ids.tolist()):
-        node = trie.walk(tokens)
-        if node in trie.tool_at:
+        node = trie.walk(tokens, stop_when_decided)
+        if node in trie.tool_at or (stop_when_decided and trie.only_answer[node] >= 0):
             out[row, eos] = 0.0
         else:
             allowed = list(trie.children[node])
@@ -126,6 +154,8 @@ def test_processor_matches_a_per_row_walk(tokenizer, catalogue):
         processed = TrieLogitsProcessor(trie, eos)(input_ids, scores)
         reference = reference_trie_scores(trie, eos, input_ids, scores)
         assert torch.equal(processed, reference), steps
+        decided = TrieLogitsProcessor(trie, eos, stop_when_decided=True)(input_ids, scores)
+        assert torch.equal(decided, reference_trie_scores(trie, eos, input_ids, scores, stop_when_decided=True)), steps
         prefix = trie.common_prefix  # the same rows with their common head fed as the prompt
         if steps >= len(prefix):
             after_prefix = TrieLogitsProcessor(trie, eos, answer_prefix=prefix)(input_ids[:, len(prefix) :], scores)
@@ -135,15 +165,15 @@ def test_processor_matches_a_per_row_walk(tokenizer, catalogue):
         TrieLogitsProcessor(trie, eos)(off_path, torch.zeros(1, len(tokenizer)))
 
 
-def greedy_with_processor(model, tokenizer, prompts, processor, max_new_tokens):
-    """Plain greedy ``generate`` over all prompts in one left-padded batch, with one logits processor
-    and no stop string: the new tokens of each row."""
+def greedy_with_processor(model, tokenizer, prompts, processor, max_new_tokens, do_sample=False):
+    """Plain greedy (or, with ``do_sample``, sampled) ``generate`` over all prompts in one left-padded
+    batch, with one logits processor and no stop string: the new tokens of each row."""
     ids, features = prompts
     input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
     embeds = model.embed_inputs(input_ids, torch.stack([f for f in features if f is not None]))
     with torch.no_grad():
         return model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                  do_sample=do_sample, top_k=None, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([processor]))
 
 
@@ -176,6 +206,26 @@ def test_constrained_answers_equal_decoding_from_the_trie_root(model, tokenizer,
     expected = [format_answer(trie.tool_for(row)) for row in out.tolist()]
     assert generate_responses(model, tokenizer, ids, features, batch_size=len(ids), show_progress=False,
                               constraint=trie) == expected
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_stopping_when_decided_keeps_the_answers(model, tokenizer, prompts, catalogue, sample):
+    """EOS where one answer remains gives the tool that decoding every forced token spells, greedy or
+    sampled (one batch, same seed: the steps before the stop draw the same numbers), in fewer steps."""
+    trie = AnswerTrie(tokenizer, catalogue)
+    eos = tokenizer.eos_token_id
+    runs = {}
+    for stop in (False, True):
+        torch.manual_seed(3)
+        processor = TrieLogitsProcessor(trie, eos, stop_when_decided=stop)
+        steps = trie.decision_length() + 1 if stop else trie.max_length + 1
+        runs[stop] = greedy_with_processor(model, tokenizer, prompts, processor, steps, do_sample=sample).tolist()
+    full = [trie.tool_for(row) for row in runs[False]]
+    assert [trie.tool_decided_by(row) for row in runs[True]] == full
+    assert len(set(full)) > 1
+    spelt = [row.index(eos) for row in runs[True]]  # some answers are decided only at their last token
+    assert all(short[:n] == whole[:n] and n <= whole.index(eos) for short, whole, n in zip(runs[True], runs[False], spelt))
+    assert sum(spelt) < sum(row.index(eos) for row in runs[False])
 
 
 def test_constrained_answers_are_catalogue_members_batched_as_alone(model, tokenizer, prompts, small_trie):

@@ -55,6 +55,17 @@ class AnswerTrie:
             if self.children[node]:
                 raise ValueError(self._prefix_error(index, self._any_tool_below(node)))
             self.tool_at[node] = index
+        # only_answer[node]: the one answer below a node whose subtree holds a single answer, else
+        # -1. Past such a node every token is forced, so greedy or sampled decoding can stop there.
+        self.only_answer = [-1] * len(self.children)
+        below = [0] * len(self.children)
+        for node in reversed(range(len(self.children))):  # children are numbered after their parent
+            below[node] = (node in self.tool_at) + sum(below[child] for child in self.children[node].values())
+            if below[node] == 1:
+                self.only_answer[node] = self.tool_at.get(node, -1)
+                if node not in self.tool_at:
+                    (child,) = self.children[node].values()
+                    self.only_answer[node] = self.only_answer[child]
 
     def _prefix_error(self, short: int, long: int) -> str:
         return (f"The answer of tool {self.tools[short]!r} is a token prefix of the answer of {self.tools[long]!r}: "
@@ -86,14 +97,29 @@ class AnswerTrie:
             node = child
         return prefix
 
-    def walk(self, tokens: Sequence[int]) -> int:
-        """The node reached by ``tokens`` from the root; tokens after a leaf (EOS, padding) are ignored.
+    def decision_length(self, start_tokens: Sequence[int] = ()) -> int:
+        """Tokens after ``start_tokens`` until the longest answer is decided (its node holds one
+        answer): the most decoding steps that ``TrieLogitsProcessor(stop_when_decided=True)`` takes
+        before its EOS."""
+        start = self.walk(start_tokens)
+        longest, frontier = 0, [(start, 0)]
+        while frontier:
+            node, depth = frontier.pop()
+            if self.only_answer[node] >= 0:
+                longest = max(longest, depth)
+            else:
+                frontier.extend((child, depth + 1) for child in self.children[node].values())
+        return longest
+
+    def walk(self, tokens: Sequence[int], stop_when_decided: bool = False) -> int:
+        """The node reached by ``tokens`` from the root; tokens after a leaf (EOS, padding) are ignored,
+        and with ``stop_when_decided``, tokens after a node that holds a single answer.
 
         Raises ``KeyError`` for a path that leaves the trie.
         """
         node = 0
         for token in tokens:
-            if node in self.tool_at:
+            if node in self.tool_at or (stop_when_decided and self.only_answer[node] >= 0):
                 break
             node = self.children[node][token]
         return node
@@ -108,6 +134,17 @@ class AnswerTrie:
             raise ValueError(f"token ids {list(tokens)} do not spell a whole catalogue answer")
         return self.tools[self.tool_at[node]]
 
+    def tool_decided_by(self, tokens: Sequence[int]) -> str:
+        """The one tool whose answer starts with ``tokens`` up to a node that holds a single answer
+        (what ``stop_when_decided`` decoding leaves); ``ValueError`` if the tokens decide none."""
+        try:
+            node = self.walk(tokens, stop_when_decided=True)
+        except KeyError:
+            node = -1
+        if node < 0 or self.only_answer[node] < 0:
+            raise ValueError(f"token ids {list(tokens)} do not decide a catalogue answer")
+        return self.tools[self.only_answer[node]]
+
 
 class TrieTensors:
     """The trie's edges as tensors on one device, so a batch walks it without Python per row.
@@ -119,27 +156,32 @@ class TrieTensors:
 
     STRIDE = 1 << 32  # above any token id: keys of different nodes never collide
 
-    def __init__(self, trie: AnswerTrie, device: torch.device):
+    def __init__(self, trie: AnswerTrie, device: torch.device, stop_when_decided: bool = False):
         edges = sorted((node, token, child) for node, children in enumerate(trie.children) for token, child in children.items())
         nodes, tokens, childs = (torch.tensor(column, dtype=torch.long) for column in zip(*edges))
         self.keys = (nodes * self.STRIDE + tokens).to(device)
         self.tokens, self.child = tokens.to(device), childs.to(device)
         counts = torch.bincount(nodes, minlength=len(trie.children))
         self.first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device)
-        self.leaf = torch.zeros(len(trie.children), dtype=torch.bool)
-        self.leaf[list(trie.tool_at)] = True
-        self.leaf = self.leaf.to(device)
+        # Where a row's answer ends: its leaf, or with stop_when_decided the first node below
+        # which only one answer remains.
+        if stop_when_decided:
+            self.stop = torch.tensor(trie.only_answer) >= 0
+        else:
+            self.stop = torch.zeros(len(trie.children), dtype=torch.bool)
+            self.stop[list(trie.tool_at)] = True
+        self.stop = self.stop.to(device)
 
     def walk(self, tokens: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Node reached by each row of ``tokens`` (rows, steps) from node ``start`` and whether the
-        row stayed in the trie; tokens after a leaf (EOS, padding) are ignored, as in ``AnswerTrie.walk``."""
+        row stayed in the trie; tokens after a stop node (EOS, padding) are ignored, as in ``AnswerTrie.walk``."""
         node = torch.full((tokens.shape[0],), start, dtype=torch.long, device=tokens.device)
         valid = torch.ones_like(node, dtype=torch.bool)
         for step in range(tokens.shape[1]):
             key = node * self.STRIDE + tokens[:, step]
             edge = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
             found = self.keys[edge] == key
-            moving = ~self.leaf[node]
+            moving = ~self.stop[node]
             valid &= found | ~moving
             node = torch.where(moving & found, self.child[edge], node)
         return node, valid
@@ -167,13 +209,22 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     ``answer_prefix``: answer tokens already fed with the prompt (``generate_responses`` feeds
     ``trie.common_prefix``); the walk over the generated tokens starts where they lead.
+
+    ``stop_when_decided``: EOS as soon as one answer remains below a row's node, instead of
+    decoding its forced tokens (``trie.tool_decided_by`` reads the answer). Greedy and sampled
+    answers are unchanged (a forced token has probability 1), and a batch decodes until its
+    rows are decided, not until their longest answer is spelt: on the bundled 926-tool
+    catalogue, at most 24 steps instead of 38. Not for beam search, whose scores must count
+    every answer token.
     """
 
-    def __init__(self, trie: AnswerTrie, eos_token_id: int, prompt_length: int = 0, answer_prefix: Sequence[int] = ()):
+    def __init__(self, trie: AnswerTrie, eos_token_id: int, prompt_length: int = 0, answer_prefix: Sequence[int] = (),
+                 stop_when_decided: bool = False):
         self.trie = trie
         self.eos_token_id = eos_token_id
         self.prompt_length = prompt_length
         self.answer_prefix = list(answer_prefix)
+        self.stop_when_decided = stop_when_decided
         self._start = trie.walk(self.answer_prefix)
         if self._start in trie.tool_at:
             raise ValueError(f"answer_prefix {self.answer_prefix} is a whole answer: nothing is left to generate")
@@ -181,7 +232,7 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._tensors is None or self._tensors.keys.device != scores.device:
-            self._tensors = TrieTensors(self.trie, scores.device)
+            self._tensors = TrieTensors(self.trie, scores.device, self.stop_when_decided)
         generated = input_ids[:, self.prompt_length :]
         node, valid = self._tensors.walk(generated, self._start)
         if not bool(valid.all()):
@@ -193,9 +244,10 @@ class TrieLogitsProcessor(LogitsProcessor):
         rows, tokens = self._tensors.allowed(node)
         mask = torch.full_like(scores, float("-inf"))
         mask[rows, tokens] = 0.0
-        done = self._tensors.leaf[node]
-        mask[done, self.eos_token_id] = 0.0
-        return torch.where(done[:, None], mask, scores + mask)
+        done = self._tensors.stop[node]
+        only_eos = torch.full_like(mask[:1], float("-inf"))
+        only_eos[0, self.eos_token_id] = 0.0
+        return torch.where(done[:, None], only_eos, scores + mask)
 
 
 def load_catalogue(path: Path) -> list[str]:

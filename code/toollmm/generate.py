@@ -83,8 +83,10 @@ def generate_responses(
     Each sequence stops at its own ``\\n###``; sequences that finish early are padded while
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
-    tool reached, and ``max_new_tokens`` is the longest answer plus one (EOS), since a cut
-    answer would be no answer (the answers' common prefix goes in with the prompt).
+    tool reached. A row stops as soon as its answer is decided (one catalogue answer left
+    below its trie node: the rest would be forced tokens), and ``max_new_tokens`` is the most
+    such steps plus one (EOS), since a cut answer would be no answer (the answers' common
+    prefix goes in with the prompt).
     ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
     """
     device = next(model.parameters()).device
@@ -97,9 +99,12 @@ def generate_responses(
         # whole batch per token (5 with a 32000-token vocabulary), and the answers are the same.
         forced = constraint.common_prefix
         prompts = [torch.cat([p, torch.tensor(forced, dtype=p.dtype)]) for p in prompts]
-        max_new_tokens = constraint.max_length - len(forced) + 1
+        # Stopping where the answer is decided spares the batch's forced tail: a step of the whole
+        # batch each, for as long as its longest answer (at most 24 steps instead of 38 on the
+        # bundled catalogue), and the static KV cache shrinks with max_new_tokens.
+        max_new_tokens = constraint.decision_length(forced) + 1
         sampling["logits_processor"] = LogitsProcessorList(
-            [TrieLogitsProcessor(constraint, tokenizer.eos_token_id, answer_prefix=forced)])
+            [TrieLogitsProcessor(constraint, tokenizer.eos_token_id, answer_prefix=forced, stop_when_decided=True)])
     batches = _batches(prompts, batch_size, max_batch_tokens, max_new_tokens)
     for batch in tqdm(batches, desc="generate", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
@@ -119,7 +124,7 @@ def generate_responses(
         # With inputs_embeds and no input_ids, generate returns only the new tokens.
         for i, ids in zip(batch, output):
             if constraint is not None:
-                responses[i] = format_answer(constraint.tool_for(forced + ids.tolist()))
+                responses[i] = format_answer(constraint.tool_decided_by(forced + ids.tolist()))
             else:
                 responses[i] = cut_at_stop(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
     return responses
