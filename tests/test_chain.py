@@ -90,3 +90,25 @@ def test_stage_2_through_deepspeed_leaves_the_base_vocabulary_rows(chain):
         assert torch.equal(trained[:3000], base[base_name]), name
         assert torch.equal(trained[3000:], weights(chain / "stage_2")[
             "signal_rows.input_embeddings" if "embed" in name else "signal_rows.output_embeddings"]), name
+
+
+def test_stage_2_on_two_ranks_under_zero_2_and_3(chain, tmp_path):
+    """Caption batches of different modalities on the two ranks (an output projector used on one
+    rank only) made ZeRO-2's gradient all-reduce fail and ZeRO-3 hang; now both run, alike."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from conftest import TINY_LLM
+
+    runs = {stage: tmp_path / f"zero{stage}" for stage in (2, 3)}
+    for stage, run in runs.items():
+        run_entry("train.py", "--stage", "2", *LAYERS, f"train.output_dir={run}", f"train.init_from={chain / 'stage_1' / 'final'}",
+                  "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "train.train_batch_size=4",
+                  "train.max_steps=4", f"train.zero_stage={stage}", env={"NPROC": "2"})
+    assert [r["loss"] for r in metrics(runs[3])] == pytest.approx([r["loss"] for r in metrics(runs[2])], rel=1e-5)
+    a, b = weights(runs[2]), weights(runs[3])
+    assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    # ZeRO-3 keeps the row mask: the base vocabulary rows of the (sharded) matrices never moved.
+    base = load_file(TINY_LLM / "model.safetensors")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(runs[3] / "resume"), tag="step_4")
+    for name, base_name in (("llm.model.embed_tokens.weight", "model.embed_tokens.weight"), ("llm.lm_head.weight", "lm_head.weight")):
+        assert torch.equal(state[name][:3000].to(base[base_name].dtype), base[base_name]), name

@@ -34,6 +34,11 @@ def test_published_deepspeed_values():
     assert ds["bf16"]["check_grad_overflow"]  # DeepSpeed's default; the fast bench path turns it off
     fast = deepspeed_config(load_config(3, overrides=["train.grad_overflow_check=false"]), world_size=1, total_steps=10)
     assert fast["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert ds["zero_optimization"]["stage"] == 2  # the shipped JSON's, unless train.zero_stage says otherwise
+    sharded = deepspeed_config(load_config(3, overrides=["train.zero_stage=3"]), world_size=2, total_steps=10)
+    assert sharded["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match=r"train\.zero_stage must be 1, 2 or 3"):
+        load_config(3, overrides=["train.zero_stage=4"])
 
 
 def test_unknown_key_is_named():

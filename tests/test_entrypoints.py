@@ -162,6 +162,32 @@ def test_two_ranks_on_gloo(tiny_default, tmp_path):
     assert "rng_rank0.pt" in states and "rng_rank1.pt" in states
 
 
+def test_zero3_shards_the_weights_trains_as_zero2_and_resumes(tiny_default, tmp_path):
+    args = ["--stage", "3", "--config", str(TINY_CONFIG), "model.tuning=lora", "train.micro_batch_size=2",
+            "train.gradient_accumulation_steps=1", "train.train_batch_size=4", "train.max_steps=6", "train.save_every_steps=3"]
+    runs = {stage: tmp_path / f"zero{stage}" for stage in (2, 3)}
+    for stage, run in runs.items():
+        result = run_entry("train.py", *args, f"train.output_dir={run}", f"train.zero_stage={stage}", env={"NPROC": "2"})
+        if stage == 3:  # each of the two ranks keeps half of every weight, the frozen base included
+            assert "ZeRO-3: rank 0 holds 2612480 of the 5224960 weight elements (50.0%)" in result.stderr + result.stdout
+    two, three = metrics(runs[2]), metrics(runs[3])
+    assert [r["loss"] for r in three] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+    a, b = (load_file(run / "final" / "trainable.safetensors") for run in runs.values())
+    assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)  # whole tensors, not a rank's shard
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # A ZeRO-3 run killed after step 3 resumes to the same weights.
+    resumed = tmp_path / "zero3_resumed"
+    shutil.copytree(runs[3], resumed)
+    for done in (resumed / "checkpoint-6", resumed / "resume" / "step_6", resumed / "final"):
+        shutil.rmtree(done)
+    (resumed / "resume" / "latest").write_text("step_3")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in three[:3]))
+    run_entry("train.py", *args, f"train.output_dir={resumed}", "train.zero_stage=3", "--resume", env={"NPROC": "2"})
+    assert [r["loss"] for r in metrics(resumed)] == pytest.approx([r["loss"] for r in three], rel=1e-6)
+    c = load_file(resumed / "final" / "trainable.safetensors")
+    assert max((b[k] - c[k]).abs().max().item() for k in b) < 1e-6
+
+
 def test_inference_settings_come_from_the_checkpoint_config(trained, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "final", ckpt)

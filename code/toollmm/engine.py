@@ -45,6 +45,8 @@ def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> di
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
     if t.learning_rate is not None:
         ds["optimizer"]["params"]["lr"] = t.learning_rate
+    if t.zero_stage is not None:
+        ds["zero_optimization"]["stage"] = t.zero_stage
     if t.offload_optimizer:
         # The original's setting: Adam states and step on the CPU (DeepSpeedCPUAdam, compiled
         # on first use), for cards too small for them; it costs a host round trip every step.

@@ -10,6 +10,7 @@ files + overrides; see ``toollmm.config``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from toollmm.engine import (
     resume_tags,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
-from toollmm.model.toollmm import avoid_cudnn_attention, build_model, optimizer_groups
+from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> Path:
     # from_pretrained leaves the base in eval mode: without this, the decoder layers skip activation
     # checkpointing (it checks ``self.training``), and any dropout of the base stays off.
     engine.train()
+    if engine.zero_optimization_stage() == 3 and is_main:
+        held = sum(p.ds_tensor.numel() for p in model.parameters())
+        whole = sum(p.ds_numel for p in model.parameters())
+        log.info("ZeRO-3: rank 0 holds %d of the %d weight elements (%.1f%%) between uses", held, whole, 100 * held / whole)
     collate = Collator(tokenizer.pad_token_id, encoder_dim)
     held_out = {}
     if len(test_set) and not config.train.resume:
@@ -389,14 +394,25 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
                            exclude_frozen_parameters=True, save_latest=False)
     save_rng(out_dir / RESUME_DIR / tag, dist.get_rank())
     dist.barrier()
-    if is_main:
-        # Only now is the state whole on every rank: a run killed before this line resumes
-        # from the previous state.
-        mark_complete(out_dir, tag)
-        save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
-                        cache.root.name)
-        prune(out_dir, config.train.keep_last)
+    with gathered(engine, checkpoint_parameters(model)):
+        if is_main:
+            # Only now is the state whole on every rank: a run killed before this line resumes
+            # from the previous state.
+            mark_complete(out_dir, tag)
+            save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
+                            cache.root.name)
+            prune(out_dir, config.train.keep_last)
     dist.barrier()
+
+
+def gathered(engine, params: list[torch.nn.Parameter]):
+    """Under ZeRO-3, a context in which ``params`` are whole on every rank (a rank holds 1/N of
+    each otherwise, and a checkpoint read from them would be cut); every rank must enter it."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def prune(out_dir: Path, keep_last: int) -> None:

@@ -61,6 +61,12 @@ class ToolLMM(nn.Module):
             projected = self.input_projector(slot_features.to(self.input_projector.weight.dtype))
             embeds = embeds.clone()
             embeds[slots] = projected.to(embeds.dtype)
+        elif self.training:
+            # No media in this micro-batch: the projector runs on zero rows, as it runs on a rank
+            # with media (see forward), and adds 0 to the embeddings.
+            nothing = self.input_projector(embeds.new_zeros(0, self.input_projector.in_features,
+                                                            dtype=self.input_projector.weight.dtype))
+            embeds = embeds + nothing.sum().to(embeds.dtype) * 0.0
         return embeds
 
     def forward(
@@ -96,15 +102,26 @@ class ToolLMM(nn.Module):
             result = {"logits": out.logits}
             if labels is not None:
                 result.update(causal_lm_loss(out.logits, labels))
-        for modality, target in targets.items():
-            prediction = self.project_runs(modality, hidden, embeds, labels)
-            if prediction.shape[0] != target.shape[0]:
-                raise ValueError(f"batch has {prediction.shape[0]} {modality} signal-token runs but {target.shape[0]} caption embeddings")
-            target = target.to(prediction.dtype).reshape(prediction.shape)
-            terms = alignment_losses(prediction, target)
-            config = self.outputs_config.modality(modality)
-            result["loss"] = result["loss"] + config.loss_scale * terms[self.outputs_config.alignment_loss]
-            result[f"l2_{modality}"], result[f"mse_{modality}"] = terms["l2"].detach(), terms["mse"].detach()
+        # Every output projector runs on every training micro-batch, in one order, on zero runs
+        # where the batch has none of its modality (its loss term is then 0 × an empty sum); the
+        # input projector likewise in embed_inputs. Data-parallel ranks must run the same modules:
+        # ZeRO-2 reduces gradients in buckets filled as they arrive, and a projector without a
+        # gradient on one rank makes them differ ("Received data size doesn't match expected
+        # size"); ZeRO-3 gathers a module's weights when it runs, in the same order on all ranks.
+        for modality in self.output_projectors or {}:
+            if modality in targets:
+                prediction = self.project_runs(modality, hidden, embeds, labels)
+                target = targets[modality]
+                if prediction.shape[0] != target.shape[0]:
+                    raise ValueError(f"batch has {prediction.shape[0]} {modality} signal-token runs but {target.shape[0]} caption embeddings")
+                target = target.to(prediction.dtype).reshape(prediction.shape)
+                terms = alignment_losses(prediction, target)
+                config = self.outputs_config.modality(modality)
+                result["loss"] = result["loss"] + config.loss_scale * terms[self.outputs_config.alignment_loss]
+                result[f"l2_{modality}"], result[f"mse_{modality}"] = terms["l2"].detach(), terms["mse"].detach()
+            elif self.training and labels is not None:
+                nothing = embeds.new_zeros(0, len(self.signal.ids[modality]), embeds.shape[-1])
+                result["loss"] = result["loss"] + self.output_projectors[modality](nothing, nothing).sum() * 0.0
         return result
 
     def project_runs(self, modality: str, hidden: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -312,6 +329,15 @@ def checkpoint_tensors(model: ToolLMM) -> dict[str, torch.Tensor]:
     carries stage 1's input projector). Vocabulary matrices that train only in their signal
     rows are included as those rows (for a 7B model the matrices would add 0.5 GB per save).
     """
+    state = _whole_checkpoint_parameters(model)
+    if model.signal is not None:
+        base = model.signal.base_vocab_size
+        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:]
+        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:]
+    return state
+
+
+def _whole_checkpoint_parameters(model: ToolLMM) -> dict[str, nn.Parameter]:
     vocab = {id(w) for w in model.vocab_weights()} if "llm" not in model.parts else set()
     state = {}
     for name, param in model.named_parameters():
@@ -319,11 +345,16 @@ def checkpoint_tensors(model: ToolLMM) -> dict[str, torch.Tensor]:
             state[name] = param
         elif name.startswith("llm.") and param.requires_grad and id(param) not in vocab:
             state[name] = param
-    if model.signal is not None:
-        base = model.signal.base_vocab_size
-        state[SIGNAL_ROWS[0]] = model.llm.get_input_embeddings().weight[base:]
-        state[SIGNAL_ROWS[1]] = model.llm.get_output_embeddings().weight[base:]
     return state
+
+
+def checkpoint_parameters(model: ToolLMM) -> list[nn.Parameter]:
+    """The parameters ``checkpoint_tensors`` reads from (the vocabulary matrices whole): what
+    ZeRO-3, which keeps 1/N of each on a rank, must gather before a save."""
+    params = list(_whole_checkpoint_parameters(model).values())
+    if model.signal is not None:
+        params += [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
+    return params
 
 
 def checkpoint_state(model: ToolLMM) -> dict[str, torch.Tensor]:
