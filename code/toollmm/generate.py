@@ -112,7 +112,9 @@ def generate_responses(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            stop_strings=[STOP_STRING],
+            # Constrained rows end with the trie's EOS (before the stop string, once decided):
+            # the stop-string check would only add its per-step work.
+            stop_strings=None if constraint is not None else [STOP_STRING],
             tokenizer=tokenizer.hf,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
