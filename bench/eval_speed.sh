@@ -6,7 +6,7 @@
 #   CKPT=/tmp/speed_fast/final BATCH=768 bash bench/eval_speed.sh [more inference.py flags]
 # Batches hold at most MAX_BATCH_TOKENS (65536) padded tokens of KV cache (32 GiB at 7B). Free
 # generation stops at the stop string or --max-new-tokens 32 (the checkpoint of a 2-epoch speed
-# run wrote ~21 tokens an answer); constrained answers end at the catalogue trie's leaf.
+# run wrote ~21 tokens an answer); a constrained answer ends once the catalogue trie decides it.
 # SPLIT=test answers the checkpoint config's test split instead of the workload file; DATA_DIR is
 # the shared data folder the workload is built from (default .devdata/data, the copy carried to the device).
 # PROFILE=1: run under cProfile and print the 25 functions with the most host time.
