@@ -168,8 +168,10 @@ def test_zero3_shards_the_weights_trains_as_zero2_and_resumes(tiny_default, tmp_
     runs = {stage: tmp_path / f"zero{stage}" for stage in (2, 3)}
     for stage, run in runs.items():
         result = run_entry("train.py", *args, f"train.output_dir={run}", f"train.zero_stage={stage}", env={"NPROC": "2"})
-        if stage == 3:  # each of the two ranks keeps half of every weight, the frozen base included
-            assert "ZeRO-3: rank 0 holds 2612480 of the 5224960 weight elements (50.0%)" in result.stderr + result.stdout
+        if stage == 3:  # the base loads as shards (never whole on a rank); each rank keeps half of every weight
+            log = result.stderr + result.stdout
+            assert "ZeRO-3: the LLM loaded as shards, rank 0 holding 2350208 of the 4700416 weight elements (50.0%)" in log
+            assert "ZeRO-3: between uses, rank 0 holds 2612480 of the 5224960 weight elements (50.0%)" in log
     two, three = metrics(runs[2]), metrics(runs[3])
     assert [r["loss"] for r in three] == pytest.approx([r["loss"] for r in two], rel=1e-5)
     a, b = (load_file(run / "final" / "trainable.safetensors") for run in runs.values())

@@ -223,9 +223,9 @@ class TrainConfig:
     """DeepSpeed ZeRO stage, 1-3; null keeps the DeepSpeed config's (2 in the shipped ones). 3 also
     shards the weights, the frozen base included, across the ranks (each holds 1/N of a 7B's
     12.6 GiB) and gathers a layer's weights for its forward and again for its backward: for a
-    model whose training steps do not fit a card, at the cost of those all-gathers. The base is
-    still whole on each card once, at start-up, before DeepSpeed shards it. Checkpoints and
-    resume states are the same as under ZeRO-2 (tested on two CPU ranks)."""
+    model that does not fit a card, at the cost of those all-gathers. The base loads straight into
+    shards (``deepspeed.zero.Init``). Checkpoints and resume states are the same as under ZeRO-2
+    (tested on two CPU ranks)."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in the backward pass: less memory, about a third more compute."""
     checkpoint_above_tokens: int = 0

@@ -154,7 +154,17 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- model + engine
     import deepspeed
 
+    ds_config = deepspeed_config(config, world_size, total_steps)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # transformers then builds and loads the base under deepspeed.zero.Init, each rank keeping
+        # only its shard (the whole 13B base would not fit a 24 GB card even once); kept alive
+        # until the engine exists.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
+    if ds_config["zero_optimization"]["stage"] == 3 and is_main:
+        log.info("ZeRO-3: the LLM loaded as shards, rank 0 holding %s", held_share(model.llm.parameters()))
     model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
         model.set_activation_checkpointing(config.train.gradient_checkpointing)
@@ -164,16 +174,14 @@ def main(argv: list[str] | None = None) -> Path:
         for layer in model.decoder_layers():
             layer.compile(dynamic=True)
     if config.train.init_from:
-        load_initial_weights(model, config, resolve_path(config.train.init_from))
-    ds_config = deepspeed_config(config, world_size, total_steps)
+        with gathered(checkpoint_parameters(model), modifier_rank=0):
+            load_initial_weights(model, config, resolve_path(config.train.init_from))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
     # from_pretrained leaves the base in eval mode: without this, the decoder layers skip activation
     # checkpointing (it checks ``self.training``), and any dropout of the base stays off.
     engine.train()
     if engine.zero_optimization_stage() == 3 and is_main:
-        held = sum(p.ds_tensor.numel() for p in model.parameters())
-        whole = sum(p.ds_numel for p in model.parameters())
-        log.info("ZeRO-3: rank 0 holds %d of the %d weight elements (%.1f%%) between uses", held, whole, 100 * held / whole)
+        log.info("ZeRO-3: between uses, rank 0 holds %s", held_share(model.parameters()))
     collate = Collator(tokenizer.pad_token_id, encoder_dim)
     held_out = {}
     if len(test_set) and not config.train.resume:
@@ -394,7 +402,7 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
                            exclude_frozen_parameters=True, save_latest=False)
     save_rng(out_dir / RESUME_DIR / tag, dist.get_rank())
     dist.barrier()
-    with gathered(engine, checkpoint_parameters(model)):
+    with gathered(checkpoint_parameters(model)):
         if is_main:
             # Only now is the state whole on every rank: a run killed before this line resumes
             # from the previous state.
@@ -405,14 +413,23 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
     dist.barrier()
 
 
-def gathered(engine, params: list[torch.nn.Parameter]):
+def held_share(params) -> str:
+    """How much of the ZeRO-3 sharded weights among ``params`` this rank holds."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    held, whole = sum(p.ds_tensor.numel() for p in sharded), sum(p.ds_numel for p in sharded)
+    return f"{held} of the {whole} weight elements ({100 * held / max(whole, 1):.1f}%)"
+
+
+def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
     """Under ZeRO-3, a context in which ``params`` are whole on every rank (a rank holds 1/N of
-    each otherwise, and a checkpoint read from them would be cut); every rank must enter it."""
-    if engine.zero_optimization_stage() != 3:
-        return contextlib.nullcontext()
+    each otherwise, and a checkpoint read from them would be cut); every rank must enter it.
+    With ``modifier_rank``, what that rank writes into them is sharded again on leaving."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params)
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
 
 
 def prune(out_dir: Path, keep_last: int) -> None:

@@ -303,8 +303,9 @@ def set_trainable(model: ToolLMM, parts: set[str]) -> None:
         for weight in model.vocab_weights():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad, base=base: torch.cat([torch.zeros_like(grad[:base]), grad[base:]]))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ds_numel: a weight built under ZeRO-3 (deepspeed.zero.Init) holds only this rank's shard.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info("trainable parameters: %d of %d (%.3f%%), parts: %s", trainable, total, 100 * trainable / total,
              ", ".join(sorted(parts)))
 
