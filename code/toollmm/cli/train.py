@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
     import deepspeed
 
     ds_config = deepspeed_config(config, world_size, total_steps)
-    if ds_config["zero_optimization"]["stage"] == 3:
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3:
         # transformers then builds and loads the base under deepspeed.zero.Init, each rank keeping
         # only its shard (the whole 13B base would not fit a 24 GB card even once); kept alive
         # until the engine exists.
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model = build_model(config.model, encoder_dim, stage=config.train.stage, signal=signal)
-    if ds_config["zero_optimization"]["stage"] == 3 and is_main:
+    if zero3 and is_main:
         log.info("ZeRO-3: the LLM loaded as shards, rank 0 holding %s", held_share(model.llm.parameters()))
     model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> Path:
     # from_pretrained leaves the base in eval mode: without this, the decoder layers skip activation
     # checkpointing (it checks ``self.training``), and any dropout of the base stays off.
     engine.train()
-    if engine.zero_optimization_stage() == 3 and is_main:
+    if zero3 and is_main:
         log.info("ZeRO-3: between uses, rank 0 holds %s", held_share(model.parameters()))
     collate = Collator(tokenizer.pad_token_id, encoder_dim)
     held_out = {}
