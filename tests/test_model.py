@@ -9,7 +9,7 @@ from conftest import TINY_LLM
 from toollmm.checkpoint import load_checkpoint, save_checkpoint
 from toollmm.config import load_config
 from toollmm.generate import generate_responses, left_pad
-from toollmm.model.toollmm import build_model, causal_lm_loss
+from toollmm.model.toollmm import TORCH_DTYPES, build_model, causal_lm_loss
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID, build_example, format_answer
 
 ENCODER_DIM = 1024
@@ -43,6 +43,17 @@ def test_exact_trainable_parameters_lora(lora_model):
     assert lora_a.shape[0] == 32
     peft_config = lora_model.llm.peft_config["default"]
     assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (32, 32, 0.1)
+
+
+def test_trainable_weights_share_the_training_dtype(tiny_default):
+    # ZeRO-3's optimizer flattens every trainable tensor into one buffer of one dtype (it failed
+    # on GPUs with PEFT's fp32 adapters under a bf16 base); ZeRO-1/2 cast the module anyway.
+    for dtype in ("bf16", "fp16"):
+        model = build_model(load_config(3, overrides=[f"model.llm_path={TINY_LLM}", f"model.dtype={dtype}"]).model,
+                            ENCODER_DIM)
+        trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        assert any(".lora_A." in n for n in trainable)
+        assert set(trainable.values()) == {TORCH_DTYPES[dtype]}
 
 
 def test_full_tuning_trains_the_llm_and_projector(tiny_default):

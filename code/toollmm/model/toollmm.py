@@ -265,6 +265,10 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
                 lora_dropout=config.lora.dropout,
                 target_modules=list(config.lora.target_modules),
             ),
+            # PEFT would keep the adapters in fp32 under a bf16/fp16 base. DeepSpeed casts the
+            # whole module to the training dtype under ZeRO-1/2 anyway, but not a ZeRO-3 model
+            # built under zero.Init, whose optimizer then refuses the mixed dtypes.
+            autocast_adapter_dtype=False,
         )
     hidden = llm.config.hidden_size
     projector = nn.Linear(encoder_dim, hidden).to(llm.device, llm.dtype)
