@@ -246,7 +246,10 @@ class TrainConfig:
     most: 19-21k padded tokens at 32, for 12-14k real."""
     compile: bool = False
     """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers): fuses
-    the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile."""
+    the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile.
+    Under ZeRO-3 it gains little (a warning says so): DeepSpeed's per-module hooks break the graphs
+    and the layers reach torch.compile's recompile limit (two CPU ranks, tiny default: 48
+    recompiles in 12 steps, steps no faster than eager)."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps (torch.profiler, rank 0):
     ``profile.txt`` (operators by GPU time) and ``profile_trace.json`` (Chrome/Perfetto) in output_dir."""

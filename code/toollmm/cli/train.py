@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> Path:
     model.answer_logits_only = config.train.answer_logits_only
     if config.train.gradient_checkpointing or config.train.checkpoint_above_tokens:
         model.set_activation_checkpointing(config.train.gradient_checkpointing)
+    if config.train.compile and zero3 and is_main:
+        log.warning("train.compile under ZeRO-3 gains little: torch.compile breaks each layer's graph at DeepSpeed's "
+                    "per-module weight-gathering hooks and reaches its recompile limit (two CPU ranks: steps no faster "
+                    "than eager); the first step still pays the compile. Consider train.compile=false")
     if config.train.compile:
         # Per layer, not the whole model: the 32 identical layers share one compiled graph
         # (compile time of one layer), and the loss code around them stays eager.
