@@ -10,7 +10,6 @@ files + overrides; see ``toollmm.config``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -179,7 +178,9 @@ def main(argv: list[str] | None = None) -> Path:
         for layer in model.decoder_layers():
             layer.compile(dynamic=True)
     if config.train.init_from:
-        with gathered(checkpoint_parameters(model), modifier_rank=0):
+        # Under ZeRO-3 each rank holds 1/N of every weight: rank 0 writes them whole, and they are
+        # sharded again on leaving (a no-op without ZeRO-3 weights).
+        with deepspeed.zero.GatheredParameters(checkpoint_parameters(model), modifier_rank=0):
             load_initial_weights(model, config, resolve_path(config.train.init_from))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
     # from_pretrained leaves the base in eval mode: without this, the decoder layers skip activation
@@ -399,6 +400,8 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
 
 def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool) -> None:
     """Resumable DeepSpeed state (all ranks) + a self-describing checkpoint (rank 0)."""
+    import deepspeed
+
     tag = f"step_{progress['step']}"
     if (out_dir / f"checkpoint-{progress['step']}").exists():
         return  # the end of an epoch can coincide with a periodic save
@@ -407,7 +410,9 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
                            exclude_frozen_parameters=True, save_latest=False)
     save_rng(out_dir / RESUME_DIR / tag, dist.get_rank())
     dist.barrier()
-    with gathered(checkpoint_parameters(model)):
+    # Under ZeRO-3 a rank holds 1/N of each weight, and a checkpoint read from it would be cut:
+    # every rank enters, so they are whole for the save (a no-op without ZeRO-3 weights).
+    with deepspeed.zero.GatheredParameters(checkpoint_parameters(model)):
         if is_main:
             # Only now is the state whole on every rank: a run killed before this line resumes
             # from the previous state.
@@ -423,18 +428,6 @@ def held_share(params) -> str:
     sharded = [p for p in params if hasattr(p, "ds_id")]
     held, whole = sum(p.ds_tensor.numel() for p in sharded), sum(p.ds_numel for p in sharded)
     return f"{held} of the {whole} weight elements ({100 * held / max(whole, 1):.1f}%)"
-
-
-def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
-    """Under ZeRO-3, a context in which ``params`` are whole on every rank (a rank holds 1/N of
-    each otherwise, and a checkpoint read from them would be cut); every rank must enter it.
-    With ``modifier_rank``, what that rank writes into them is sharded again on leaving."""
-    import deepspeed
-
-    sharded = [p for p in params if hasattr(p, "ds_id")]
-    if not sharded:
-        return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
