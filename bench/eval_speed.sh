@@ -24,8 +24,8 @@ else
   workload=(--data /tmp/eval_workload.json)
 fi
 # Bytecode, as an installed environment has it (pip compiles it): the device image sets
-# PYTHONDONTWRITEBYTECODE and ships none, and compiling torch's and transformers' sources on
-# every start added 10-16 s of imports (an H100, 2026-11-26). One short untimed run fills the
+# PYTHONDONTWRITEBYTECODE and ships none: compiling torch's and transformers' sources on every
+# start, imports took 14-21 s instead of 5-8 s (H100 and H200 runs, 2026-11-26). One short untimed run fills the
 # cache, modules imported only while loading and generating included; WARMUP=0 skips it.
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
