@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_LLM
+from toollmm.cli.train import evaluate_held_out
 from toollmm.config import load_config
 from toollmm.data.dataset import Collator, Example, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
 from toollmm.data.stages import CaptionTarget, Item
@@ -234,3 +235,26 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_default):
     model(torch.randint(5, 2000, (3, 51)), labels=torch.randint(5, 2000, (3, 51)))["loss"].backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for a new length
 
+
+
+def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):
+    """held_out.json's lm_loss and token_accuracy compare runs of different micro-batch sizes
+    (bench/loss_parity.sh): answers of different lengths weigh by their tokens, not by batch."""
+    model, tokenizer, _ = setup
+    answers = ["tool/a", "a/much-longer-tool-name-with-many-pieces-v2", "x", "org/model " * 6, "unknown"]
+    items = [Item(f"h{i}", QUERIES[i], format_answer(answer)) for i, answer in enumerate(answers)]
+    examples = [*InstructionDataset(items, tokenizer, {}, 256, None)]
+    collate = Collator(tokenizer.pad_token_id, ENCODER_DIM)
+    try:
+        by_size = {size: evaluate_held_out(model, examples, collate, size, "cpu") for size in (1, 2, len(examples))}
+    finally:
+        model.eval()  # evaluate_held_out hands the model back in training mode; the fixture is shared
+    losses, _ = per_example_losses(model, collate(examples), examples)
+    answer_tokens = {e.record_id: int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples}
+    assert len(set(answer_tokens.values())) > 2
+    expected = sum(losses[r] * n for r, n in answer_tokens.items()) / sum(answer_tokens.values())
+    for size, result in by_size.items():
+        assert result["lm_loss"] == pytest.approx(expected, abs=1e-5), size
+        assert result["token_accuracy"] == pytest.approx(by_size[1]["token_accuracy"], abs=1e-6), size
+    # The mean of batch losses, by row, moves with the batching: why lm_loss is reported beside it.
+    assert by_size[1]["loss"] != pytest.approx(by_size[2]["loss"], abs=1e-3)

@@ -45,6 +45,7 @@ from toollmm.engine import (
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
+from toollmm.prompts import IGNORE_INDEX
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
             splits = load_splits(config.data)
             report.merge(splits.report)
             tool_records = splits.train
+            if config.train.held_out_tools:
+                test_items = tool_items(training_pairs(splits.test))
         items = instruction_items(config, report)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
     # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> Path:
             if "before" not in held_out and previous.is_file():  # a resumed run measured it when it started
                 held_out = {**json.loads(previous.read_text()), **held_out}
             previous.write_text(json.dumps({"examples": len(test_set), **held_out}, indent=2))
-            log.info("held-out captions (%d): %s", len(test_set), held_out)
+            log.info("held-out examples (%d): %s", len(test_set), held_out)
     final = out_dir / "final"
     if is_main:
         latest = last_checkpoint(out_dir)  # a ".partial" folder left by a kill is not one
@@ -380,7 +383,9 @@ def step_metrics(out: dict, device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict:
-    """Mean loss, token accuracy and per-modality alignment (MSE, l2) on the held-out captions.
+    """Loss, per-token LM loss and accuracy, and per-modality alignment (MSE, l2) on the held-out
+    examples. ``lm_loss`` and ``token_accuracy`` are means over all answer tokens, so they do not
+    depend on ``batch_size``; ``loss`` (LM + alignment) is the mean of the batches' losses, by row.
     Every rank runs it on the whole (small) set; the numbers are the same everywhere."""
     engine.eval()
     sums: dict[str, float] = {}
@@ -390,12 +395,18 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
         batch.pop("record_ids"), batch.pop("real_tokens")
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         rows = batch["input_ids"].shape[0]
-        for key in ["loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:
-            weight = rows if key in ("loss", "token_accuracy") else batch[f"target_{key.split('_', 1)[1]}"].shape[0]
+        answer_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for key in ["loss", "lm_loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:
+            if key == "loss":
+                weight = rows
+            elif key in ("lm_loss", "token_accuracy"):
+                weight = answer_tokens
+            else:
+                weight = batch[f"target_{key.split('_', 1)[1]}"].shape[0]
             sums[key] = sums.get(key, 0.0) + out[key].float().item() * weight
             counts[key] = counts.get(key, 0) + weight
     engine.train()
-    return {key: round(sums[key] / counts[key], 6) for key in sums}
+    return {key: round(sums[key] / counts[key], 6) for key in sums if counts[key]}
 
 
 def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool) -> None:

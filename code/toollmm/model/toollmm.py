@@ -102,6 +102,8 @@ class ToolLMM(nn.Module):
             result = {"logits": out.logits}
             if labels is not None:
                 result.update(causal_lm_loss(out.logits, labels))
+        if labels is not None:
+            result["lm_loss"] = result["loss"].detach()  # the answer tokens' mean, before the alignment terms
         # Every output projector runs on every training micro-batch, in one order, on zero runs
         # where the batch has none of its modality (its loss term is then 0 × an empty sum); the
         # input projector likewise in embed_inputs. Data-parallel ranks must run the same modules:
