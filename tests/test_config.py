@@ -41,6 +41,13 @@ def test_published_deepspeed_values():
         load_config(3, overrides=["train.zero_stage=4"])
 
 
+def test_held_out_tools_needs_a_test_split():
+    assert load_config(3, [TINY_CONFIG], ["train.held_out_tools=true"]).train.held_out_tools
+    for stage, overrides in [(3, ["data.eval_files=[]", "data.split.test_fraction=0"]), (1, [])]:
+        with pytest.raises(ConfigError, match=r"train\.held_out_tools .* data\.eval_files or data\.split\.test_fraction"):
+            load_config(stage, [TINY_CONFIG], ["train.held_out_tools=true", *overrides])
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown config key train\.epoch;.*epochs"):
         load_config(3, overrides=["train.epoch=2"])

@@ -236,7 +236,6 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_default):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for a new length
 
 
-
 def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):
     """held_out.json's lm_loss and token_accuracy compare runs of different micro-batch sizes
     (bench/loss_parity.sh): answers of different lengths weigh by their tokens, not by batch."""

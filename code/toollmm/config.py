@@ -414,6 +414,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
     if config.model.tuning == "lora" and config.model.lora.r < 1:
         raise ConfigError("model.lora.r must be at least 1")
+    if t.held_out_tools and not (t.stage == 3 and config.data.train_files
+                                 and (config.data.eval_files or config.data.split.test_fraction > 0)):
+        raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
+                          "data.train_files, and data.eval_files or data.split.test_fraction > 0")
     if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3 (null: the DeepSpeed config's), got {t.zero_stage}")
 
