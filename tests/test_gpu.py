@@ -8,6 +8,7 @@ from toollmm.config import load_config
 from toollmm.generate import generate_responses
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import build_example, format_answer
+from test_packing import flex_against_padded_sdpa, setup  # noqa: F401 (setup: the shared fixture)
 
 pytestmark = [pytest.mark.gpu, gpu]
 
@@ -40,3 +41,9 @@ def test_generation_on_cuda_bf16(tiny_default, tokenizer):
     assert len(batched) == 2 and all(isinstance(r, str) for r in batched)
     # bf16 batched vs single can differ by rounding in near-ties; the first tokens agree.
     assert [r[:3] for r in batched] == [r[:3] for r in single]
+
+
+def test_flex_attention_in_compiled_layers_on_packed_rows(setup):
+    """train.compile with flex attention and packed rows, as bench/speed_fast.yaml's loss-keeping
+    variant trains: the same losses and gradients as padded SDPA rows."""
+    flex_against_padded_sdpa(setup, "cuda", compile_layers=True)

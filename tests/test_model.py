@@ -15,8 +15,8 @@ from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID, build_example, format_a
 ENCODER_DIM = 1024
 
 
-def config(tuning="lora"):
-    return load_config(3, overrides=[f"model.llm_path={TINY_LLM}", f"model.tuning={tuning}", "model.dtype=fp32"])
+def config(tuning="lora", *overrides):
+    return load_config(3, overrides=[f"model.llm_path={TINY_LLM}", f"model.tuning={tuning}", "model.dtype=fp32", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,13 @@ def test_checkpoint_round_trip_gives_identical_logits(lora_model, tokenizer, tmp
         actual = loaded(ids, torch.ones_like(ids), slot_features=feature)["logits"]
     assert torch.equal(expected, actual)
     assert loaded_tokenizer.encode("### Human: ") == tokenizer.encode("### Human: ")
+
+
+def test_checkpoint_trained_with_flex_attention_answers_with_sdpa(lora_model, tokenizer, tmp_path):
+    save_checkpoint(tmp_path / "ck", lora_model, config("lora", "model.attn_implementation=flex_attention"), tokenizer, {"step": 1}, "encoder-id")
+    assert "attn_implementation: flex_attention" in (tmp_path / "ck" / "config.yaml").read_text()
+    loaded, _, loaded_config, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.llm.config._attn_implementation == "sdpa" == loaded_config.model.attn_implementation
 
 
 def test_checkpoint_refuses_another_base(lora_model, tokenizer, tmp_path):

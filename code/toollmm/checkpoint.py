@@ -122,6 +122,11 @@ def load_checkpoint(
     config, meta = read_checkpoint_config(ckpt_dir)
     if llm_path is not None:
         config.model.llm_path = llm_path
+    if config.model.attn_implementation == "flex_attention":
+        # Flex attention pays for packed training rows (its block mask skips other examples'
+        # tokens); answering runs padded prompts and a KV cache, where SDPA's kernels serve, and
+        # FlexAttention has no CPU backward. Same weights, same maths (tests/test_packing.py).
+        config.model.attn_implementation = "sdpa"
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
     state = read_weights(ckpt_dir)

@@ -119,7 +119,10 @@ class ModelConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the LLM and of the DeepSpeed engine (fills the DeepSpeed config's fp16/bf16 sections)."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend (sdpa, eager, flash_attention_2 if installed)."""
+    """transformers attention backend (sdpa, eager, flex_attention, flash_attention_2 if installed).
+    flex_attention is for ``train.packing`` on CUDA: transformers turns the restarting position ids
+    into a block mask whose skipped blocks cost nothing, where SDPA needs a dense mask and a slower
+    kernel. Training only (no CPU backward): checkpoints answer with sdpa."""
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
 
 
