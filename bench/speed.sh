@@ -3,7 +3,7 @@
 # random-init Vicuna-7B (or -13B) of the published shape and the bundled ToolMMBench rows at
 # their real lengths (ImageBind features cached before the timed loop):
 #   (a) bench/speed_published.yaml: fp16, ZeRO-2, CPU-offloaded Adam, micro-batch 4 × accumulation 4
-#   (b) bench/speed_fast.yaml: bf16, SDPA, Adam on the GPU, packed rows, micro-batch 64
+#   (b) bench/speed_fast.yaml: bf16, Adam on the GPU, random rows packed, flex attention, micro-batch 64
 # Run from the repo root on the device with .whl and .devdata carried (bench/README.md):
 #   STEPS=40 PRESET=vicuna-7b bash bench/speed.sh
 # Writes $OUT/<setting>/{metrics.jsonl,summary.json} and prints one table.

@@ -68,7 +68,7 @@ def per_example_losses(model, batch, examples: list[Example]) -> tuple[dict[str,
                 break
             example = by_id[pending[0]]
             end = start + len(example.input_ids)
-            if not torch.equal(batch["input_ids"][row, start:end], example.input_ids):
+            if not torch.equal(batch["input_ids"][row, start:end].cpu(), example.input_ids):
                 continue  # the padding block
             pending.pop(0)
             shift_logits, shift_labels = logits[row, start:end - 1], labels[row, start + 1:end]
