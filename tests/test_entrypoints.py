@@ -93,6 +93,14 @@ def test_existing_run_needs_resume_flag(trained):
         run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={trained}", *SMALL)
 
 
+def test_flex_attention_on_cpu_is_refused_before_training(tmp_path):
+    with pytest.raises(AssertionError, match="flex_attention trains on CUDA only .* set model.attn_implementation=sdpa") as err:
+        run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}/run",
+                  "model.attn_implementation=flex_attention", "train.packing=true", *SMALL)
+    assert "ConfigError" in str(err.value) and "NotImplementedError" not in str(err.value)  # refused, not crashed in a backward
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "final").exists()
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match="--resume given but .* holds no training state"):
         run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}/new", "--resume")

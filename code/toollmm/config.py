@@ -440,6 +440,16 @@ def check_batch_arithmetic(config: RunConfig, world_size: int) -> int:
     return expected
 
 
+def check_training_device(config: RunConfig, device_type: str) -> None:
+    """Settings that train on CUDA only, refused before any model loads."""
+    if config.model.attn_implementation == "flex_attention" and device_type != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation=flex_attention trains on CUDA only (torch's FlexAttention has no "
+            f"backward on {device_type}): set model.attn_implementation=sdpa here; packed rows give the same "
+            "losses under it, on a slower masked kernel"
+        )
+
+
 def check_paths(config: RunConfig) -> None:
     """Inputs that must exist, named with the key that points at them."""
     problems = []

@@ -25,7 +25,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from toollmm.checkpoint import load_initial_weights, save_checkpoint
-from toollmm.config import OUTPUT_MODALITIES, ConfigError, check_batch_arithmetic, check_paths, load_config, resolve_path
+from toollmm.config import (
+    OUTPUT_MODALITIES,
+    ConfigError,
+    check_batch_arithmetic,
+    check_paths,
+    check_training_device,
+    load_config,
+    resolve_path,
+)
 from toollmm.data import load_splits
 from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, PackingCollator, tool_items
 from toollmm.data.split import training_pairs
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed()
+    check_training_device(config, device.type)
     avoid_cudnn_attention(device)
     is_main = rank == 0
     if not is_main:
