@@ -101,6 +101,14 @@ def test_flex_attention_on_cpu_is_refused_before_training(tmp_path):
     assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "final").exists()
 
 
+def test_pack_length_shorter_than_an_example_is_refused_before_training(tmp_path):
+    with pytest.raises(AssertionError, match=r"train.pack_length=64 is shorter than the longest example \((\d+) tokens.*set train.pack_length=\1 or more") as err:
+        run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}/run",
+                  "train.packing=true", "train.pack_length=64", *SMALL)
+    assert "trainable parameters" not in str(err.value)  # refused before the model was built
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match="--resume given but .* holds no training state"):
         run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path}/new", "--resume")

@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> Path:
         (out_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     if not len(dataset):
         raise ConfigError(f"no training examples left (see {out_dir / 'data_report.json'} for why rows were skipped)")
+    longest = max(len(e.input_ids) for e in [*dataset.examples, *test_set.examples])
+    if config.train.packing and longest > config.train.pack_length:
+        # Checked before the model loads: the packing collator would otherwise stop the run at the
+        # first batch that holds such an example, possibly hours in.
+        raise ConfigError(f"train.pack_length={config.train.pack_length} is shorter than the longest example "
+                          f"({longest} tokens, prompt included): set train.pack_length={longest} or more")
     if config.train.group_by_length:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
                                             world_size, rank, config.train.seed, config.train.length_group_batches)
