@@ -14,6 +14,8 @@
 #   LAYERS="code/config/tiny.yaml bench/gpu_smoke.yaml" CPU_OVERRIDES="train.max_time_s=0 train.offload_optimizer=false" \
 #     EPOCHS=1 SEEDS=0 SETTINGS=published bash bench/loss_parity.sh model.llm_path=/tmp/vicuna-7b_vocab
 # (Adam on the GPU: the same update, and a 7B published epoch then fits a 10-minute call: 464-511 s.)
+# RESUME=1 keeps the finished runs in $OUT and resumes the cut-off ones (a 7B published epoch takes
+# most of a 10-minute device call): train.save_every_steps=N gives them states to resume from.
 # Writes $OUT/<setting>[-TAG]_seed<N>/{metrics.jsonl,held_out.json}; the table and $OUT/parity.json
 # cover every run in $OUT, each setting against the published one.
 set -euo pipefail
@@ -30,10 +32,20 @@ read -ra cpu_overrides <<< "${CPU_OVERRIDES-model.dtype=bf16 train.compile=false
 for seed in $SEEDS; do
   for setting in ${SETTINGS:-published fast}; do
     accumulation=$([ "$setting" = published ] && echo 16 || echo 1)
-    name=$setting${TAG:+-$TAG}_seed$seed; rm -rf "${OUT:?}/$name"
-    PYTHON=$PYTHON bash scripts/train.sh --stage 3 "${config_args[@]}" --config "bench/speed_$setting.yaml" \
+    name=$setting${TAG:+-$TAG}_seed$seed
+    # RESUME=1: a run cut off (a device call's time limit) continues from its last resume state;
+    # one cut after its last step only measures the held-out loss. A finished run is kept as it is.
+    resume=()
+    if [ -n "${RESUME:-}" ] && [ -f "$OUT/$name/held_out.json" ] && grep -q '"after"' "$OUT/$name/held_out.json"; then
+      echo "$name: finished earlier, kept"; continue
+    elif [ -n "${RESUME:-}" ] && [ -n "$(ls -A "$OUT/$name/resume" 2>/dev/null)" ]; then
+      resume=(--resume); echo "$name: resuming"
+    else
+      rm -rf "${OUT:?}/$name"; : > "$OUT/$name.log"
+    fi
+    PYTHON=$PYTHON bash scripts/train.sh --stage 3 "${resume[@]}" "${config_args[@]}" --config "bench/speed_$setting.yaml" \
       train.output_dir="$OUT/$name" train.epochs="$EPOCHS" train.max_steps=0 train.seed="$seed" \
-      train.gradient_accumulation_steps="$accumulation" train.held_out_tools=true "${cpu_overrides[@]}" "$@" > "$OUT/$name.log" 2>&1 \
+      train.gradient_accumulation_steps="$accumulation" train.held_out_tools=true "${cpu_overrides[@]}" "$@" >> "$OUT/$name.log" 2>&1 \
       || { echo "$name failed: $OUT/$name.log"; exit 1; }
     rm -rf "$OUT/$name/final" "$OUT/$name/resume" "$OUT/$name"/checkpoint-*  # only the metrics matter here
   done
@@ -44,14 +56,14 @@ from collections import defaultdict
 from pathlib import Path
 out = Path(sys.argv[1])
 table = {}
-for run in sorted(p.parent.name for p in out.glob("*_seed*/held_out.json")):
+for run in sorted(p.parent.name for p in out.glob("*_seed*/held_out.json") if "after" in json.loads(p.read_text())):  # finished runs
     losses = defaultdict(list)
     for line in open(out / run / "metrics.jsonl"):
         row = json.loads(line)
         losses[row["epoch"]].append(row["loss"])
     held_out = json.loads((out / run / "held_out.json").read_text())
     table[run] = {"steps": sum(map(len, losses.values())), "held_out_examples": held_out["examples"],
-                  "held_out_lm_loss": [held_out["before"]["lm_loss"], held_out["after"]["lm_loss"]],
+                  "held_out_lm_loss": [held_out.get("before", {}).get("lm_loss", float("nan")), held_out["after"]["lm_loss"]],
                   "held_out_token_accuracy_after": held_out["after"]["token_accuracy"],
                   "epoch_mean_loss": [round(sum(v) / len(v), 4) for _, v in sorted(losses.items())]}
 epochs = min(len(row["epoch_mean_loss"]) for row in table.values())

@@ -82,7 +82,10 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 def test_sigkill_then_resume_continues_exactly(uninterrupted, tmp_path):
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "1"}
-    process = subprocess.Popen(train_command(run), cwd="/", env=env, stdout=subprocess.DEVNULL,
+    # With the held-out measurement on (not in the uninterrupted run): it draws no randomness, and
+    # its before-training figures reach held_out.json at once, so the resumed run still reports them.
+    held_out = ["train.held_out_tools=true"]
+    process = subprocess.Popen(train_command(run, *held_out), cwd="/", env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not list((run / "resume").glob("step_*/complete")):
@@ -101,8 +104,12 @@ def test_sigkill_then_resume_continues_exactly(uninterrupted, tmp_path):
             time.sleep(0.01)
     assert not (run / "final").exists()
     killed_at = max(r["step"] for r in metrics(run))
-    result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", *RUN, "--resume")
+    cut = json.loads((run / "held_out.json").read_text())
+    assert set(cut) == {"examples", "before"} and cut["examples"] > 0
+    result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", *RUN, *held_out, "--resume")
     assert_same_run(run, uninterrupted)
+    reported = json.loads((run / "held_out.json").read_text())
+    assert reported["before"] == cut["before"] and reported["after"]["lm_loss"] < cut["before"]["lm_loss"]
     assert not list(run.glob("*.partial")) and all((p / "complete").is_file() for p in (run / "resume").glob("step_*"))
     resumed_from = result.stderr.split("resumed from ", 1)[1].split(" ")[0]
     print(f"SIGKILL after logging step {killed_at}; resumed from {resumed_from}; steps 1-14 equal the uninterrupted run")

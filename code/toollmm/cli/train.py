@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> Path:
     held_out = {}
     if len(test_set) and not config.train.resume:
         held_out["before"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
+        if is_main:  # written now: a run cut off before its end keeps it for the resumed run to report
+            (out_dir / "held_out.json").write_text(json.dumps({"examples": len(test_set), **held_out}, indent=2))
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite_skipped": 0}
     if config.train.resume:
         progress.update(resume(engine, out_dir, rank))
