@@ -259,7 +259,6 @@ def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):
     assert by_size[1]["loss"] != pytest.approx(by_size[2]["loss"], abs=1e-3)
 
 
-
 def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
     """The loss-keeping fast path (random batches, packed, ``attn_implementation: flex_attention``)
     gives the per-example losses, batch loss and (on CUDA) gradients of padded rows under SDPA: the block

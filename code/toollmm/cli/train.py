@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> Path:
         (out_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     if not len(dataset):
         raise ConfigError(f"no training examples left (see {out_dir / 'data_report.json'} for why rows were skipped)")
-    longest = max(len(e.input_ids) for e in [*dataset.examples, *test_set.examples])
-    if config.train.packing and longest > config.train.pack_length:
+    if config.train.packing:
         # Checked before the model loads: the packing collator would otherwise stop the run at the
         # first batch that holds such an example, possibly hours in.
-        raise ConfigError(f"train.pack_length={config.train.pack_length} is shorter than the longest example "
-                          f"({longest} tokens, prompt included): set train.pack_length={longest} or more")
+        longest = max(len(e.input_ids) for e in [*dataset.examples, *test_set.examples])
+        if longest > config.train.pack_length:
+            raise ConfigError(f"train.pack_length={config.train.pack_length} is shorter than the longest example "
+                              f"({longest} tokens, prompt included): set train.pack_length={longest} or more")
     if config.train.group_by_length:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
                                             world_size, rank, config.train.seed, config.train.length_group_batches)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
     if len(test_set) and not config.train.resume:
         held_out["before"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
         if is_main:  # written now: a run cut off before its end keeps it for the resumed run to report
-            (out_dir / "held_out.json").write_text(json.dumps({"examples": len(test_set), **held_out}, indent=2))
+            write_held_out(out_dir, len(test_set), held_out)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite_skipped": 0}
     if config.train.resume:
         progress.update(resume(engine, out_dir, rank))
@@ -306,10 +307,10 @@ def main(argv: list[str] | None = None) -> Path:
     if len(test_set):
         held_out["after"] = evaluate_held_out(engine, test_set, collate, config.train.micro_batch_size, device)
         if is_main:
-            previous = out_dir / "held_out.json"
+            previous = out_dir / HELD_OUT_FILE
             if "before" not in held_out and previous.is_file():  # a resumed run measured it when it started
                 held_out = {**json.loads(previous.read_text()), **held_out}
-            previous.write_text(json.dumps({"examples": len(test_set), **held_out}, indent=2))
+            write_held_out(out_dir, len(test_set), held_out)
             log.info("held-out examples (%d): %s", len(test_set), held_out)
     final = out_dir / "final"
     if is_main:
@@ -396,6 +397,13 @@ def step_metrics(out: dict, device) -> torch.Tensor:
         values += [out[f"mse_{modality}"].float() if present else torch.zeros((), device=device),
                    torch.tensor(float(present), device=device)]
     return torch.stack(values)
+
+
+HELD_OUT_FILE = "held_out.json"
+
+
+def write_held_out(out_dir: Path, examples: int, figures: dict) -> None:
+    (out_dir / HELD_OUT_FILE).write_text(json.dumps({"examples": examples, **figures}, indent=2))
 
 
 @torch.no_grad()
