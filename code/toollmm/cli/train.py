@@ -403,7 +403,11 @@ HELD_OUT_FILE = "held_out.json"
 
 
 def write_held_out(out_dir: Path, examples: int, figures: dict) -> None:
-    (out_dir / HELD_OUT_FILE).write_text(json.dumps({"examples": examples, **figures}, indent=2))
+    # Written through a temporary file: a resumed run reads the before-training figures back, and
+    # a kill mid-write must not leave it half a JSON.
+    tmp = out_dir / (HELD_OUT_FILE + ".partial")
+    tmp.write_text(json.dumps({"examples": examples, **figures}, indent=2))
+    os.replace(tmp, out_dir / HELD_OUT_FILE)
 
 
 @torch.no_grad()
