@@ -8,7 +8,7 @@ Two paths, on the CPU of the machine it runs on:
 2. on-the-fly decoding (what the cache avoids): the ImageBind preprocessing of the bundled
    media files, per file type, in one process (files/s).
 
-    PYTHONPATH=code .venv/bin/python bench/data_path_bench.py --config code/config/tiny.yaml --json bench/results/data_path.json
+    PYTHONPATH=code .venv/bin/python bench/data_path_bench.py --config tiny --json bench/results/data_path.json
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[])
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--media-dir", type=Path, default=Path("../shared/data"))
+    p.add_argument("--media-dir", type=Path, default=Path("data"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 

@@ -8,7 +8,7 @@
 # generation stops at the stop string or --max-new-tokens 32 (the checkpoint of a 2-epoch speed
 # run wrote ~21 tokens an answer); a constrained answer ends once the catalogue trie decides it.
 # SPLIT=test answers the checkpoint config's test split instead of the workload file; DATA_DIR is
-# the shared data folder the workload is built from (default .devdata/data, the copy carried to the device).
+# the sample data folder the workload is built from (default data, the bundled one).
 # Python bytecode is cached under PYTHONPYCACHEPREFIX (default /tmp/pycache) by an untimed warm-up.
 # PROFILE=1: run under cProfile and print the 25 functions with the most host time.
 set -euo pipefail
@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
 if [ -n "${SPLIT:-}" ]; then
   workload=(--split "$SPLIT")
 else
-  python3 bench/make_eval_workload.py --data-dir "${DATA_DIR:-.devdata/data}" --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
+  python3 bench/make_eval_workload.py --data-dir "${DATA_DIR:-data}" --queries "${QUERIES:-2397}" --out /tmp/eval_workload.json
   workload=(--data /tmp/eval_workload.json)
 fi
 # Bytecode, as an installed environment has it (pip compiles it): the device image sets

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Stage-3 (LoRA, bf16) training on a random-init Vicuna-7B-shaped LLaMA, on one GPU, in one command.
-# Run from the repo root on the device machine, with .whl and .devdata carried:
+# Run from the repo root on the GPU machine, with wheels of the missing packages carried in .whl/:
 #   bash bench/gpu_smoke.sh [key=value overrides for train.sh ...]
 # Env: STEPS (default 60 optimizer steps), PRESET (vicuna-7b | vicuna-13b), OUT (results folder);
 # for a local CPU dry run: SKIP_WHEELS=1 NUM_LAYERS=1 STEPS=7 bash bench/gpu_smoke.sh train.micro_batch_size=1 ...
-# Prepare here first:  bash ../shared/device/make_wheels.sh .whl  (+ EXTRA="cffi==2.1.1 pycparser==3.12",
-# typing_extensions==4.16.0), and copy ../shared/data to .devdata/data (see bench/README.md).
+# Prepare first: wheels of deepspeed, decord and soundfile (+ cffi, pycparser, typing_extensions) in
+# .whl/ for the GPU machine's Python (see bench/README.md).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_smoke_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-60}
@@ -31,7 +31,7 @@ for m in (transformers, peft, deepspeed, sentencepiece, safetensors, decord, sou
 PY
 
 phase "build tiny tokenizer + ImageBind"
-python3 -m toollmm.tiny --data-dir .devdata/data
+python3 -m toollmm.tiny
 
 phase "build random $PRESET (bf16, on the GPU) into $LLM"
 python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --tokenizer pretrained_checkpoint/LLM_ckpt/tiny_llama \
@@ -41,7 +41,7 @@ ls -la "$LLM"; df -h /tmp | tail -1
 phase "train stage 3: LoRA, bf16, $STEPS optimizer steps"
 rm -rf "$RUN"
 set -x
-PYTHON=python3 bash scripts/train.sh --stage 3 --config code/config/tiny.yaml --config bench/gpu_smoke.yaml \
+PYTHON=python3 bash scripts/train.sh --stage 3 --config tiny --config bench/gpu_smoke.yaml \
     model.llm_path="$LLM" train.output_dir="$RUN" train.max_steps="$STEPS" "$@"
 set +x
 phase "training done"

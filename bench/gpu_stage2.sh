@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 2 (decoder alignment) on one GPU with a random-init Vicuna-7B-shaped LLaMA, in one command.
-# Run from the repo root on the device machine, with .whl and .devdata carried (see bench/README.md):
+# Run from the repo root on the GPU machine, with .whl/ carried (see bench/README.md):
 #   bash bench/gpu_stage2.sh [key=value overrides]
 # Env: OUT (results folder). Prints the step time and peak memory summary.
 set -euo pipefail
@@ -11,10 +11,10 @@ exec > >(tee "$OUT/gpu_stage2.log") 2>&1
 t0=$SECONDS; phase() { echo "=== [$((SECONDS - t0)) s] $*"; }
 phase "install wheels"
 source bench/device_env.sh
-layers=(--config code/config/tiny.yaml --config code/config/tiny_chain.yaml --config bench/gpu_stage2.yaml)
+layers=(--config tiny --config tiny_chain --config bench/gpu_stage2.yaml)
 phase "tiny default (ImageBind, decoders' text encoders) + random Vicuna-7B with a 32000-token tokenizer"
-python3 -m toollmm.tiny --data-dir .devdata/data
-[ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset vicuna-7b --out "$LLM" --train-tokenizer .devdata/data
+python3 -m toollmm.tiny
+[ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset vicuna-7b --out "$LLM" --train-tokenizer data
 phase "caption embeddings"
 python3 code/process_embeddings.py --stage 2 "${layers[@]}" --quiet
 phase "stage 1 (input projector; a few steps, to chain from)"

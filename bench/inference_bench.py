@@ -30,7 +30,7 @@ from toollmm.model.toollmm import build_model
 from toollmm.prompts import build_example
 from toollmm.tokenization import load_tokenizer
 
-DATA = Path(os.environ.get("TOOLLMM_SHARED_DATA", "../shared/data"))
+DATA = Path(__file__).resolve().parents[1] / "data"  # the bundled sample data
 
 
 def main() -> None:

@@ -11,7 +11,7 @@
 # On CPU, DeepSpeed has no fp16 ("Type fp16 is not supported on your device"), so the published
 # run takes bf16 there (CPU_OVERRIDES); on a GPU set CPU_OVERRIDES and LAYERS to the 7B set-up
 # of bench/speed.sh, after it has built /tmp/vicuna-7b_vocab (results/2026-11-26_loss_keeping/):
-#   LAYERS="code/config/tiny.yaml bench/gpu_smoke.yaml" CPU_OVERRIDES="train.max_time_s=0 train.offload_optimizer=false" \
+#   LAYERS="tiny bench/gpu_smoke.yaml" CPU_OVERRIDES="train.max_time_s=0 train.offload_optimizer=false" \
 #     EPOCHS=1 SEEDS=0 SETTINGS=published bash bench/loss_parity.sh model.llm_path=/tmp/vicuna-7b_vocab
 # (Adam on the GPU: the same update, and a 7B published epoch then fits a 10-minute call: 464-511 s.)
 # RESUME=1 keeps the finished runs in $OUT and resumes the cut-off ones (a 7B published epoch takes
@@ -23,9 +23,9 @@ OUT=${OUT:-/tmp/loss_parity}; mkdir -p "$OUT"
 EPOCHS=${EPOCHS:-2}
 SEEDS=${SEEDS-0 1}  # SEEDS="" runs nothing: the table of what $OUT holds
 PYTHON=${PYTHON:-python}
-read -ra layers <<< "${LAYERS:-code/config/tiny.yaml}"
+read -ra layers <<< "${LAYERS:-tiny}"
 config_args=(); for layer in "${layers[@]}"; do config_args+=(--config "$layer"); done
-# The tiny default trains the whole tiny LLM (code/config/tiny.yaml says why); compile is off on
+# The tiny default trains the whole tiny LLM (tiny says why); compile is off on
 # CPU (inductor's C++ build would dominate a CPU run; compiled and eager losses agree on an H100),
 # and packed rows take SDPA's masked kernel (FlexAttention has no CPU backward; same maths).
 read -ra cpu_overrides <<< "${CPU_OVERRIDES-model.dtype=bf16 train.compile=false model.attn_implementation=sdpa}"

@@ -4,7 +4,7 @@ The published evaluation file has 2397 queries; the bundled sample holds 1903 di
 of it (combined_data.json). The rest are filled with distinct requests of the bundled training
 files (real ToolMMBench queries, real lengths), so the workload has the published size:
 
-    python3 bench/make_eval_workload.py --data-dir .devdata/data --queries 2397 --out /tmp/eval_2397.json
+    python3 bench/make_eval_workload.py --data-dir data --queries 2397 --out /tmp/eval_2397.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ FILES = ("combined_data.json", "audio_tx2t.json", "video_tx2t.json")  # evaluati
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, required=True, help="the shared data folder (holds toolmmbench/)")
+    parser.add_argument("--data-dir", type=Path, required=True, help="the sample data folder (holds toolmmbench/; the bundled one is data/)")
     parser.add_argument("--queries", type=int, default=2397)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -4,7 +4,7 @@
 # their real lengths (ImageBind features cached before the timed loop):
 #   (a) bench/speed_published.yaml: fp16, ZeRO-2, CPU-offloaded Adam, micro-batch 4 × accumulation 4
 #   (b) bench/speed_fast.yaml: bf16, Adam on the GPU, random rows packed, flex attention, micro-batch 64
-# Run from the repo root on the device with .whl and .devdata carried (bench/README.md):
+# Run from the repo root on the GPU machine with .whl/ carried (bench/README.md):
 #   STEPS=40 PRESET=vicuna-7b bash bench/speed.sh
 # Writes $OUT/<setting>/{metrics.jsonl,summary.json} and prints one table.
 # Two GPUs: NPROC=2 bash bench/speed.sh (DeepSpeed data parallel; compare with NPROC=1).
@@ -20,16 +20,16 @@ PARAMS=$([ "$PRESET" = vicuna-13b ] && echo 13.0e9 || echo 6.74e9)
 export NPROC=${NPROC:-1}
 exec > >(tee "$OUT/speed.log") 2>&1
 source bench/device_env.sh
-python3 -m toollmm.tiny --data-dir .devdata/data
+python3 -m toollmm.tiny
 # TOKENIZER=trained: a 32000-token sentencepiece trained on the bundled text (Vicuna's vocabulary
 # size; rows tokenize to about the lengths Vicuna's tokenizer gives); default: the tiny tokenizer.
 if [ "${TOKENIZER:-tiny}" = trained ]; then
   LLM=/tmp/${PRESET}_vocab
-  [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --train-tokenizer .devdata/data
+  [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --train-tokenizer data
 else
   [ -f "$LLM/config.json" ] || python3 bench/make_random_llm.py --preset "$PRESET" --out "$LLM" --tokenizer pretrained_checkpoint/LLM_ckpt/tiny_llama
 fi
-layers=(--config code/config/tiny.yaml --config bench/gpu_smoke.yaml)
+layers=(--config tiny --config bench/gpu_smoke.yaml)
 python3 code/extract_features.py --split train "${layers[@]}" >/dev/null  # cache first: not timed
 run_setting() {  # name, config layer, overrides...
   local name=$1 layer=$2; shift 2

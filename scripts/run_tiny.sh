@@ -12,7 +12,7 @@ run=${RUN_DIR:-ckpt/tiny}
 start=$SECONDS
 python -m toollmm.tiny
 rm -rf "$run"
-bash scripts/train.sh --stage 3 --config code/config/tiny.yaml train.output_dir="$run" "$@"
+bash scripts/train.sh --stage 3 --config tiny train.output_dir="$run" "$@"
 for split in test train; do
   python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
 done

@@ -10,7 +10,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/setup.sh"
 cd "$root"
 run=${RUN_DIR:-ckpt/tiny_chain}
-layers=(--config code/config/tiny.yaml --config code/config/tiny_chain.yaml)
+layers=(--config tiny --config tiny_chain)
 start=$SECONDS
 python -m toollmm.tiny
 rm -rf "$run"
@@ -18,7 +18,7 @@ python code/process_embeddings.py --stage 2 "${layers[@]}"
 bash scripts/train.sh --stage 1 "${layers[@]}" train.output_dir="$run/stage_1" train.epochs=${STAGE1_EPOCHS:-20} "$@"
 bash scripts/train.sh --stage 2 "${layers[@]}" train.output_dir="$run/stage_2" train.init_from="$run/stage_1/final" \
   train.epochs=${STAGE2_EPOCHS:-60} "$@"
-bash scripts/train.sh --stage 3 --config code/config/any_to_any.yaml "${layers[@]}" train.output_dir="$run/stage_3" \
+bash scripts/train.sh --stage 3 --config any_to_any "${layers[@]}" train.output_dir="$run/stage_3" \
   train.init_from="$run/stage_2/final" train.epochs=${STAGE3_EPOCHS:-1} "$@"
 python - "$run" <<'PY'
 import json, sys

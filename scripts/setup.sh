@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 stamp=.venv/.toollmm-installed
-want=$(cat requirements.txt requirements-test.txt requirements-reference.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements-reference.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch's CUDA build alone is ~4 GB of the ~6 GB venv; a full disk would stop pip halfway
   # with a bare "No space left on device", so say what is needed before starting.
@@ -18,9 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
+  # Every extra (decoders, demo, plots, tensorboard, test): the two README commands use them all.
+  .venv/bin/python -m pip install -q -e ".[all]"
   .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt
-  .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

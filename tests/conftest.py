@@ -11,11 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# TOOLLMM_SHARED_DATA: where ../shared/data is, when the checkout travels without it (the GPU device).
-SHARED_DATA = Path(os.environ.get("TOOLLMM_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
+DATA = ROOT / "data"  # the bundled sample data (ToolMMBench, caption pairs, assets)
 TINY_LLM = ROOT / "pretrained_checkpoint" / "LLM_ckpt" / "tiny_llama"
 TINY_IMAGEBIND = ROOT / "pretrained_checkpoint" / "imagebind_ckpt" / "tiny" / "imagebind_tiny.pth"
-TINY_CONFIG = ROOT / "code" / "config" / "tiny.yaml"
+CONFIGS = ROOT / "code" / "toollmm" / "configs"  # the packaged YAML configs
+TINY_CONFIG = CONFIGS / "tiny.yaml"
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run on the GPU device")
 
@@ -24,7 +24,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run 
 def tiny_default() -> tuple[Path, Path]:
     from toollmm.tiny import build
 
-    return build(ROOT, SHARED_DATA)
+    return build(ROOT, DATA)
 
 
 @pytest.fixture(scope="session")

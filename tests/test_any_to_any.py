@@ -14,7 +14,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA, TINY_CONFIG, TINY_LLM
+from conftest import CONFIGS, DATA, ROOT, TINY_CONFIG, TINY_LLM
 from toollmm.assistant import Assistant, Reply, normalize_runs, parse_prompt
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import load_config
@@ -27,7 +27,7 @@ from toollmm.tokenization import load_tokenizer
 
 MODALITY = {"image": "tiny_sd", "video": "tiny_zeroscope", "audio": "tiny_audioldm"}
 CATALOGUE = ["gpt2", "distilgpt2", "unknown", "openai/whisper-base"]
-IMAGE = next(iter(sorted((SHARED_DATA / "t2x_pairs" / "cc3m" / "images").iterdir())))
+IMAGE = next(iter(sorted((DATA / "t2x_pairs" / "cc3m" / "images").iterdir())))
 # Small decoder outputs for the tiny pipelines: 3 frames, 0.32 s (32 mel frames, 5120 samples).
 OPTIONS = {"image": {}, "video": {"num_frames": 3}, "audio": {"audio_length_in_s": 0.32}}
 
@@ -41,7 +41,7 @@ def decoders(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tiny_default, tmp_path_factory):
     """A stage-3 any-to-any checkpoint (untrained: LLM, signal rows and projectors as built)."""
-    config = load_config(3, [TINY_CONFIG, ROOT / "code" / "config" / "tiny_chain.yaml"], [
+    config = load_config(3, [TINY_CONFIG, CONFIGS / "tiny_chain.yaml"], [
         f"model.llm_path={TINY_LLM}", "model.outputs.projector.hidden_size=32", "model.outputs.projector.encoder_layers=1",
         "model.outputs.projector.decoder_layers=1", "model.outputs.projector.ffn_size=64"])
     tokenizer = load_tokenizer(TINY_LLM)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, TINY_CONFIG, run_entry
+from conftest import ROOT, DATA, TINY_CONFIG, run_entry
 
-pytest.importorskip("gradio", reason="the demo needs gradio (pip install -r requirements.txt)")
+pytest.importorskip("gradio", reason="the demo needs gradio (the [demo] extra)")
 from toollmm.app import MB, Demo, UploadError, check_uploads
 from toollmm.prompts import ANSWER_PREFIX, ANSWER_SUFFIX
 
-ASSETS = SHARED_DATA / "assets"
+ASSETS = DATA / "assets"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TOOLLMM_ARTIFACTS", ROOT / "tests" / "artifacts"))
 
@@ -171,7 +171,7 @@ def app_url(tmp_path_factory):
     if ckpt is None:
         from toollmm.tiny import build
 
-        build(ROOT, SHARED_DATA)
+        build(ROOT, DATA)
         run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp / 'run'}",
                   "train.max_steps=2", "train.save_every_steps=0")
         ckpt = tmp / "run" / "final"

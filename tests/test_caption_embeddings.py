@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, DATA
 from toollmm.caption_embeddings import (
     CaptionEmbeddingMismatch,
     CaptionEmbeddingMissing,
@@ -23,7 +23,7 @@ from toollmm.caption_embeddings import (
 from toollmm.cli import process_embeddings
 from toollmm.tiny_decoders import DIFFUSION_DIR, build_tiny_decoders
 
-PAIRS = SHARED_DATA / "t2x_pairs"
+PAIRS = DATA / "t2x_pairs"
 SHAPES = {"tiny_sd": (77, 768), "tiny_zeroscope": (77, 1024), "tiny_audioldm": (512,)}
 MODALITY = {"tiny_sd": "image", "tiny_zeroscope": "video", "tiny_audioldm": "audio"}
 CAPTIONS = [
@@ -82,7 +82,7 @@ def _tiny_unet(unet_class, blocks: str, cross_attention_dim: int, **extra):
 
 def diffusers_reference(name: str, folder, captions: list[str]) -> torch.Tensor:
     """The positive-prompt embeddings of the real diffusers pipeline, assembled from tiny parts."""
-    pytest.importorskip("diffusers", reason="the parity tests need diffusers (requirements-test.txt)")
+    pytest.importorskip("diffusers", reason="the parity tests need diffusers (the [decoders] extra)")
     from diffusers import (AudioLDMPipeline, DDIMScheduler, StableDiffusionPipeline, TextToVideoSDPipeline,
                            UNet2DConditionModel, UNet3DConditionModel)
     from transformers import (ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizerFast,

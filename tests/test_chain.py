@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_CONFIG, run_entry
+from conftest import CONFIGS, ROOT, TINY_CONFIG, run_entry
 
 pytestmark = pytest.mark.slow
 
-LAYERS = ["--config", str(TINY_CONFIG), "--config", str(ROOT / "code" / "config" / "tiny_chain.yaml")]
+LAYERS = ["--config", str(TINY_CONFIG), "--config", str(CONFIGS / "tiny_chain.yaml")]
 SMALL = ["train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.log_every_steps=1"]
 
 
@@ -28,7 +28,7 @@ def chain(tiny_default, tmp_path_factory):
               f"train.init_from={runs / 'stage_1' / 'final'}", "train.epochs=6", *SMALL)
     # Only the caption instructions, so every batch has X → text and text → X rows; LoRA as
     # published; packed rows (the fast path) through DeepSpeed.
-    run_entry("train.py", "--stage", "3", "--config", str(ROOT / "code" / "config" / "any_to_any.yaml"), *LAYERS,
+    run_entry("train.py", "--stage", "3", "--config", str(CONFIGS / "any_to_any.yaml"), *LAYERS,
               f"train.output_dir={runs / 'stage_3'}", f"train.init_from={runs / 'stage_2' / 'final'}",
               "data.train_files=[]", "data.eval_files=[]", "model.tuning=lora", "train.max_steps=6", *SMALL,
               "train.packing=true", "train.pack_length=256")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from conftest import SHARED_DATA, TINY_CONFIG, TINY_LLM
+from conftest import DATA, TINY_CONFIG, TINY_LLM
 from toollmm.catalogue import AnswerTrie, TrieLogitsProcessor
 from toollmm.config import load_config
 from toollmm.data import load_splits
@@ -340,7 +340,7 @@ def test_inference_cli_constrained_with_top_k(model, tokenizer, tmp_path):
     config = tiny_config()
     config.data.feature_cache_dir = str(tmp_path / "features")
     save_checkpoint(tmp_path / "ck", model, config, tokenizer, {"step": 1}, "encoder-id")
-    rows = json.loads((SHARED_DATA / "toolmmbench" / "combined_data.json").read_text())[:3]
+    rows = json.loads((DATA / "toolmmbench" / "combined_data.json").read_text())[:3]
     (tmp_path / "queries.json").write_text(json.dumps(rows))
     names = sorted({"unknown", "gpt2", *[t for row in rows for t in row["conversations"][1]["value"]]})
     (tmp_path / "catalogue.json").write_text(json.dumps(names))

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, DATA
 from toollmm.data.split import group_queries, split_by_query, training_pairs
 from toollmm.data.toolmmbench import MissingMediaError, read_toolmmbench, tool_catalogue
 
-BENCH = SHARED_DATA / "toolmmbench"
+BENCH = DATA / "toolmmbench"
 SAMPLE = ROOT / "data" / "toolmmbench_sample" / "media_requests.json"
 
 
@@ -115,7 +115,7 @@ def test_one_example_per_acceptable_tool(tmp_path):
 
 
 def test_sample_rows_use_bundled_media_and_catalogue_tools():
-    records, report = read_toolmmbench(SAMPLE, SHARED_DATA, "error")
+    records, report = read_toolmmbench(SAMPLE, DATA, "error")
     assert report.used == report.rows == 120
     assert {r.input_modality for r in records} == {"image", "audio", "video"}
     assert all(len(r.media) == 1 and r.media[0].path.is_file() for r in records)

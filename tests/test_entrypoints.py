@@ -151,9 +151,9 @@ def test_bad_batch_arithmetic_fails_before_the_model_is_built(tmp_path):
 
 
 def test_inference_on_a_published_file_scored_against_it(trained, tmp_path):
-    from conftest import SHARED_DATA
+    from conftest import DATA
 
-    combined = SHARED_DATA / "toolmmbench" / "combined_data.json"
+    combined = DATA / "toolmmbench" / "combined_data.json"
     predictions = tmp_path / "predictions.json"
     run_entry("inference.py", "--ckpt", str(trained / "final"), "--data", str(combined), "--limit", "3",
               "--output", str(predictions), "--max-new-tokens", "4")
@@ -261,7 +261,7 @@ def test_setup_stops_before_installing_on_a_full_disk(tmp_path):
     # creates .venv, and name the folder and the space it needs.
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts")
-    for name in ("requirements.txt", "requirements-test.txt", "requirements-reference.txt", "pyproject.toml"):
+    for name in ("requirements-reference.txt", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path)
     result = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
                             timeout=60, env={**os.environ, "TOOLLMM_SETUP_NEEDS_GB": "1000000000"})

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 import toollmm.evaluate as evaluate_module
-from conftest import SHARED_DATA, TINY_CONFIG
+from conftest import DATA, TINY_CONFIG
 from toollmm.evaluate import (
     Reference,
     evaluate_predictions,
@@ -20,7 +20,7 @@ from toollmm.evaluate import (
 )
 from toollmm.prompts import format_answer
 
-DATA = SHARED_DATA / "toolmmbench"
+BENCH = DATA / "toolmmbench"
 CATALOGUE = {"MIT/ast", "superb/hubert", "google/vit", "t5-base", "unknown"}
 
 
@@ -197,11 +197,11 @@ def test_malformed_reference_rows_without_id_or_duplicated():
 
 
 def test_perfect_predictions_on_bundled_benchmark():
-    rows = json.loads((DATA / "combined_data.json").read_text())
+    rows = json.loads((BENCH / "combined_data.json").read_text())
     references = load_references(rows)
     assert len(references) == len(rows) == 1917  # ids repeat across modalities; keys do not
     train_rows = [r for name in ("audio_tx2t.json", "video_tx2t.json")
-                  for r in json.loads((DATA / name).read_text())]
+                  for r in json.loads((BENCH / name).read_text())]
     catalogue = ({t for ref in references.values() for t in ref.acceptable}
                  | {r["conversations"][1]["value"] for r in train_rows})
     # The raw first name, stray spaces included, as a model trained on it would write it.
@@ -293,7 +293,7 @@ def test_normalizing_metadata():
 
 
 def test_breakdown_counts_on_bundled_benchmark():
-    rows = json.loads((DATA / "combined_data.json").read_text())
+    rows = json.loads((BENCH / "combined_data.json").read_text())
     references = load_references(rows)
     predictions = [{"question_id": f"{r['input_modality']}/{r['id']}", "response": ""} for r in rows]
     catalogue = {t for ref in references.values() for t in ref.acceptable}

@@ -22,12 +22,12 @@ from toollmm.cli import extract_features as command
 from toollmm.data.toolmmbench import DataReport, MediaRef, Record
 from toollmm.features import FeatureCache, FrozenEncoder, _batches_by_modality, extract_features, featurize
 
-from conftest import SHARED_DATA, TINY_CONFIG, TINY_IMAGEBIND, gpu, run_entry
+from conftest import DATA, TINY_CONFIG, TINY_IMAGEBIND, gpu, run_entry
 
-ASSETS = SHARED_DATA / "assets"
-IMAGES = [ASSETS / "bird_image.jpg", *sorted((SHARED_DATA / "t2x_pairs" / "cc3m" / "images").glob("*.jpg"))[:2]]
+ASSETS = DATA / "assets"
+IMAGES = [ASSETS / "bird_image.jpg", *sorted((DATA / "t2x_pairs" / "cc3m" / "images").glob("*.jpg"))[:2]]
 AUDIOS = [ASSETS / "bird_audio.wav", ASSETS / "test.wav"]
-VIDEOS = [ASSETS / "test.mp4", sorted((SHARED_DATA / "t2x_pairs" / "webvid" / "videos").glob("*.mp4"))[0]]
+VIDEOS = [ASSETS / "test.mp4", sorted((DATA / "t2x_pairs" / "webvid" / "videos").glob("*.mp4"))[0]]
 GOOD = [MediaRef("image", p) for p in IMAGES] + [MediaRef("audio", p) for p in AUDIOS] + [MediaRef("video", p) for p in VIDEOS]
 
 

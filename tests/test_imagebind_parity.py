@@ -44,7 +44,7 @@ else:
 from toollmm import media  # noqa: E402
 from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder  # noqa: E402
 
-from conftest import SHARED_DATA as DATA  # noqa: E402
+from conftest import DATA  # noqa: E402
 PAIRS = DATA / "t2x_pairs"
 IMAGES = [DATA / "assets" / "bird_image.jpg", *sorted((PAIRS / "cc3m" / "images").glob("*.jpg"))[:3]]
 AUDIOS = [DATA / "assets" / "bird_audio.wav", DATA / "assets" / "test.wav", *sorted((PAIRS / "audiocap" / "audios").glob("*.wav"))]

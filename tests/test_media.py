@@ -14,7 +14,7 @@ from PIL import Image
 from toollmm import media
 from toollmm.media import MediaError, load_audio, load_image, load_video
 
-from conftest import SHARED_DATA as DATA  # noqa: E402
+from conftest import DATA  # noqa: E402
 PAIRS = DATA / "t2x_pairs"
 
 IMAGES = [DATA / "assets" / "bird_image.jpg", *sorted((PAIRS / "cc3m" / "images").glob("*.jpg"))]

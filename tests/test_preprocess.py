@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_entry
+from conftest import ROOT, DATA, run_entry
 from toollmm.cli.preprocess_dataset import main
 from toollmm.data import converters
 from toollmm.data.converters import FORMATS, PROBLEMS, Example, Input, RowProblem, convert, register
@@ -13,14 +13,14 @@ from toollmm.data.split import split_by_query
 from toollmm.data.toolmmbench import read_toolmmbench
 
 RAW = ROOT / "tests" / "fixtures" / "raw"
-T2X = SHARED_DATA / "t2x_pairs"
+T2X = DATA / "t2x_pairs"
 
 # format → (fixture file, media root, extra arguments)
 FIXTURES = {
-    "toolmmbench": ("toolmmbench.json", SHARED_DATA, ["--catalogue", str(RAW / "catalogue.json")]),
-    "llava": ("llava.json", SHARED_DATA, []),
-    "alpaca": ("alpaca.json", SHARED_DATA, []),
-    "videochat": ("videochat.json", SHARED_DATA, []),
+    "toolmmbench": ("toolmmbench.json", DATA, ["--catalogue", str(RAW / "catalogue.json")]),
+    "llava": ("llava.json", DATA, []),
+    "alpaca": ("alpaca.json", DATA, []),
+    "videochat": ("videochat.json", DATA, []),
     "caption-pairs": ("caption_pairs.json", T2X / "cc3m" / "images", []),
 }
 
@@ -145,7 +145,7 @@ def test_problem_examples_say_what_is_wrong(tmp_path):
 
 def test_without_catalogue_no_tool_is_unknown(tmp_path):
     main(["convert", "--format", "toolmmbench", "--input", str(RAW / "toolmmbench.json"), "--media-root",
-          str(SHARED_DATA), "--output-dir", str(tmp_path), "--test-fraction", "0"])
+          str(DATA), "--output-dir", str(tmp_path), "--test-fraction", "0"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problems"]["unknown_tool"] == 0 and report["problems"]["over_length"] == 0
     assert report["converted"] == 4  # rows 7 (unknown tool) and 8 (over-long) now convert
@@ -177,7 +177,7 @@ def test_entry_script_convert_mode_is_reproducible(tmp_path):
     outputs = []
     for run in ("a", "b"):
         run_entry("preprocess_dataset.py", "convert", "--format", "llava", "--input", str(RAW / "llava.json"),
-                  "--media-root", str(SHARED_DATA), "--output-dir", str(tmp_path / run), "--test-fraction", "0.5")
+                  "--media-root", str(DATA), "--output-dir", str(tmp_path / run), "--test-fraction", "0.5")
         outputs.append([(tmp_path / run / f).read_bytes() for f in ("train.json", "test.json", "report.json")])
     assert outputs[0] == outputs[1]
 
@@ -199,7 +199,7 @@ def test_split_never_puts_one_request_on_both_sides(tmp_path):
 
 def test_toolmmbench_split_matches_the_config_split():
     """The same seed and fraction put each request on the same side as --config mode does."""
-    path, media_root = SHARED_DATA / "toolmmbench" / "video_tx2t.json", SHARED_DATA / "toolmmbench" / "mm_dataset"
+    path, media_root = DATA / "toolmmbench" / "video_tx2t.json", DATA / "toolmmbench" / "mm_dataset"
     examples, report = convert("toolmmbench", [Input(path, media_root)], missing_media="keep")
     assert report.rows == 224 and report.problems["missing_media"] == 224
     train, test = converters.split_examples(examples, 0.3, 0)
@@ -265,7 +265,7 @@ def test_a_new_format_is_one_registered_reader(tmp_path):
 
 def test_unknown_format_and_bad_file_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="known: .*caption-pairs"):
-        convert("sharegpt", [Input(RAW / "llava.json", SHARED_DATA)])
+        convert("sharegpt", [Input(RAW / "llava.json", DATA)])
     (tmp_path / "obj.json").write_text("{}")
     with pytest.raises(ValueError, match="expected a JSON list of rows"):
         convert("llava", [Input(tmp_path / "obj.json", tmp_path)])

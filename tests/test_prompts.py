@@ -4,7 +4,7 @@ import json
 
 import sentencepiece as spm
 
-from conftest import SHARED_DATA, TINY_LLM
+from conftest import DATA, TINY_LLM
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID, build_example, format_answer, parse_answer
 
 
@@ -30,7 +30,7 @@ def test_media_prompt_is_token_exact(tokenizer):
 def test_text_prompt_is_token_exact_including_leading_spaces(tokenizer):
     ref = sp()
     # 546 bundled evaluation queries start with a space: the fast tokenizer alone would differ there.
-    rows = json.loads((SHARED_DATA / "toolmmbench" / "combined_data.json").read_text())
+    rows = json.loads((DATA / "toolmmbench" / "combined_data.json").read_text())
     queries = [r["conversations"][0]["value"] for r in rows if r["conversations"][0]["value"].startswith(" ")][:50]
     assert len(queries) == 50
     for query in queries:

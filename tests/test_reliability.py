@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SHARED_DATA, TINY_CONFIG, run_entry
+from conftest import ROOT, DATA, TINY_CONFIG, run_entry
 from toollmm.checkpoint import load_checkpoint
 from toollmm.config import CONFIG_DIR, ConfigError, load_config
 from toollmm.data.captions import read_caption_file
@@ -216,7 +216,7 @@ def build_fuzz(root: Path) -> tuple[list[Path], int, dict[str, int], int]:
     """Data files holding good rows and bad inputs; returns (files, good rows, bad rows per reason, bad files)."""
     media = root / "media"
     media.mkdir()
-    assets, pairs = SHARED_DATA / "assets", SHARED_DATA / "t2x_pairs"
+    assets, pairs = DATA / "assets", DATA / "t2x_pairs"
     good_media = {"image": pairs / "cc3m" / "images", "audio": pairs / "audiocap" / "audios", "video": pairs / "webvid" / "videos"}
     good_rows, bad = [], {}
 
@@ -359,10 +359,10 @@ def test_non_finite_losses_are_skipped_and_counted(tiny_default, tmp_path):
     embed = tmp_path / "embed"
     run_entry("process_embeddings.py", "--modality", "audio", "--decoder",
               str(ROOT / "pretrained_checkpoint" / "diffusion_ckpt" / "tiny_audioldm"),
-              "--captions", str(SHARED_DATA / "t2x_pairs" / "audiocap" / "audiocap.json"), "--out", str(embed))
+              "--captions", str(DATA / "t2x_pairs" / "audiocap" / "audiocap.json"), "--out", str(embed))
     poisoned = sorted(embed.glob("*.npy"))[0]
     np.save(poisoned, np.full(512, np.nan, np.float32), allow_pickle=False)
-    audio = f"[{{modality: audio, path: {SHARED_DATA}/t2x_pairs/audiocap/audiocap.json, media_root: x, embeddings_dir: {embed}}}]"
+    audio = f"[{{modality: audio, path: {DATA}/t2x_pairs/audiocap/audiocap.json, media_root: x, embeddings_dir: {embed}}}]"
     run = tmp_path / "run"
     run_entry("train.py", "--stage", "2", "--config", str(TINY_CONFIG), "--config", str(CHAIN_CONFIG),
               f"train.output_dir={run}", f"data.caption_files={audio}", "train.init_from=null", "data.split.test_fraction=0.0",

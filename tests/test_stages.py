@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_DATA, TINY_LLM
+from conftest import DATA, TINY_LLM
 from toollmm.caption_embeddings import CaptionEmbeddingMismatch, CaptionEmbeddingStore
 from toollmm.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
 from toollmm.config import ConfigError, embedding_shape, load_config
@@ -24,7 +24,7 @@ from toollmm.signal_tokens import add_signal_tokens, run_text
 from toollmm.tokenization import load_tokenizer
 
 ENCODER_DIM = 1024
-PAIRS = SHARED_DATA / "t2x_pairs"
+PAIRS = DATA / "t2x_pairs"
 SMALL_PROJECTOR = ["model.outputs.projector.hidden_size=64", "model.outputs.projector.encoder_layers=1",
                    "model.outputs.projector.decoder_layers=1", "model.outputs.projector.ffn_size=128"]
 

@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from conftest import ROOT, SHARED_DATA, TINY_CONFIG, TINY_IMAGEBIND, TINY_LLM, run_entry
+from conftest import ROOT, DATA, TINY_CONFIG, TINY_IMAGEBIND, TINY_LLM, run_entry
 from toollmm.model.imagebind import ImageBindConfig, load_imagebind
 from toollmm.tiny import build
 
@@ -19,7 +19,7 @@ def test_tiny_build_is_deterministic(tiny_default, tmp_path):
     (tmp_path / "data" / "toolmmbench_sample").mkdir(parents=True)
     sample = ROOT / "data" / "toolmmbench_sample" / "media_requests.json"
     (tmp_path / "data" / "toolmmbench_sample" / "media_requests.json").write_bytes(sample.read_bytes())
-    llm_dir, imagebind_file = build(tmp_path, SHARED_DATA)
+    llm_dir, imagebind_file = build(tmp_path, DATA)
     for name in ("tokenizer.model", "model.safetensors", "config.json", "tokenizer.json"):
         assert digest(llm_dir / name) == digest(TINY_LLM / name), name
     a = torch.load(imagebind_file, weights_only=True)

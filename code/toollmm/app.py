@@ -20,10 +20,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import gradio as gr
 import torch
 
 from toollmm.config import project_root
+from toollmm.extras import MissingExtraError, require
+
+try:
+    gr = require("gradio", "the demo")
+except MissingExtraError as err:  # an application module: say what to install, no traceback
+    raise SystemExit(str(err)) from None
 
 if TYPE_CHECKING:  # the handlers need only its interface; main() loads the model
     from toollmm.assistant import Assistant, Reply

@@ -1,10 +1,14 @@
 """Typed run configuration: YAML layers + ``key=value`` overrides, validated before any model is built.
 
-A run's config is ``config/base.yaml`` + ``config/stage_<N>.yaml`` + any ``--config`` files
-+ command-line overrides such as ``train.epochs=1`` (values parsed as YAML). Every key is a
-dataclass field below; its comment is its documentation. An unknown key is an error that
-names it and lists the keys allowed there. Relative paths are relative to the project
-root (the folder holding ``code/``; override with ``TOOLLMM_ROOT``).
+A run's config is ``base.yaml`` + ``stage_<N>.yaml`` + any ``--config`` files + command-line
+overrides such as ``train.epochs=1`` (values parsed as YAML). The shipped YAML files are package
+data (``toollmm/configs/``): ``--config tiny`` names one of them, a path names a file of yours.
+Every key is a dataclass field below; its comment is its documentation. An unknown key is an
+error that names it and lists the keys allowed there.
+
+Relative paths (checkpoints, data, output folders) are relative to the project root:
+``TOOLLMM_ROOT`` if set, else the source checkout this package runs from (a clone with an
+editable install), else the current directory (a plain ``pip install``).
 """
 
 from __future__ import annotations
@@ -19,20 +23,48 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CODE_DIR = PACKAGE_DIR.parent
-CONFIG_DIR = CODE_DIR / "config"
-DSCONFIG_DIR = CODE_DIR / "dsconfig"
+CONFIG_DIR = PACKAGE_DIR / "configs"
+DSCONFIG_DIR = CONFIG_DIR / "dsconfig"
+
+
+def _source_checkout() -> Path | None:
+    """The clone holding this package (code/toollmm/ under a folder with pyproject.toml), if any."""
+    candidate = PACKAGE_DIR.parent.parent
+    if PACKAGE_DIR.parent.name == "code" and (candidate / "pyproject.toml").is_file():
+        return candidate
+    return None
 
 
 def project_root() -> Path:
     if "TOOLLMM_ROOT" in os.environ:
         return Path(os.environ["TOOLLMM_ROOT"]).resolve()
-    return CODE_DIR.parent
+    return _source_checkout() or Path.cwd()
 
 
 def resolve_path(value: str | Path) -> Path:
     path = Path(os.path.expanduser(str(value)))
     return path if path.is_absolute() else project_root() / path
+
+
+def packaged_configs() -> list[str]:
+    """Names accepted by ``--config`` besides file paths."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base" and not p.stem.startswith("stage_"))
+
+
+def find_config_file(name: str | Path) -> Path:
+    """``--config`` value → file: an existing path (absolute, from the current directory or the
+    project root), else a packaged config by name (``tiny`` or ``tiny.yaml``)."""
+    given = Path(os.path.expanduser(str(name)))
+    for candidate in (given, resolve_path(given)):
+        if candidate.is_file():
+            return candidate
+    packaged = CONFIG_DIR / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+    if given.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config file {name} does not exist (looked in {Path.cwd()} and {project_root()}); "
+        f"packaged configs: {', '.join(packaged_configs())}"
+    )
 
 
 class ConfigError(ValueError):
@@ -184,7 +216,7 @@ class TrainConfig:
     stage: int = 3
     output_dir: str = "ckpt/toollmm_vicuna_7b"
     deepspeed_config: str = "dsconfig/stage_3.json"
-    """Relative to code/ when not found under the project root."""
+    """A DeepSpeed JSON file; a relative path not found under the project root is looked up in the packaged configs."""
     epochs: int = 5
     max_steps: int = 0
     """Stop after this many optimizer steps (0: train all epochs)."""
@@ -384,7 +416,7 @@ def load_yaml(path: Path) -> dict:
 def load_config(stage: int, extra_files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:
     """base.yaml + stage_<stage>.yaml + extra files + overrides → validated RunConfig."""
     layers = [CONFIG_DIR / "base.yaml", CONFIG_DIR / f"stage_{stage}.yaml"]
-    layers += [Path(p) if Path(p).is_file() else resolve_path(p) for p in extra_files]
+    layers += [find_config_file(p) for p in extra_files]
     merged: dict = {}
     for layer in layers:
         try:
@@ -472,14 +504,15 @@ def check_paths(config: RunConfig) -> None:
         problems.append(f"train.init_from: {resolve_path(config.train.init_from)} does not exist "
                         f"(train stage {config.train.stage - 1} first, or set train.init_from)")
     if not deepspeed_config_path(config).is_file():
-        problems.append(f"train.deepspeed_config: {config.train.deepspeed_config} not found under the project root or code/")
+        problems.append(f"train.deepspeed_config: {config.train.deepspeed_config} not found under the project root "
+                        f"({project_root()}) or among the packaged configs ({CONFIG_DIR})")
     if problems:
         raise ConfigError("missing inputs:\n  " + "\n  ".join(problems))
 
 
 def deepspeed_config_path(config: RunConfig) -> Path:
     candidate = resolve_path(config.train.deepspeed_config)
-    return candidate if candidate.is_file() else CODE_DIR / config.train.deepspeed_config
+    return candidate if candidate.is_file() else CONFIG_DIR / config.train.deepspeed_config
 
 
 def load_deepspeed_config(config: RunConfig) -> dict:

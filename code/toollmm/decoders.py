@@ -7,7 +7,7 @@ negative embedding for classifier-free guidance is the pipeline's own encoding o
 prompt, as the pipelines compute it when NExT-GPT passes no negative prompt.
 
 Videos are written as H.264 MP4 (yuv420p, what browsers play) through PyAV (``av`` in
-requirements.txt; torchvision 0.26 no longer writes video).
+the [decoders] extra; torchvision 0.26 no longer writes video).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from toollmm.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class MediaDecoder:
                 raise FileNotFoundError(
                     f"{self.folder} is not a diffusers pipeline folder (no model_index.json): pass the {self.modality} "
                     f"decoder's folder (see pretrained_checkpoint/README.md; python -m toollmm.tiny_decoders builds tiny ones)")
-            from diffusers import DiffusionPipeline
+            DiffusionPipeline = require("diffusers", f"the {self.modality} decoder").DiffusionPipeline
 
             pipeline = DiffusionPipeline.from_pretrained(self.folder, dtype=self.dtype)
             pipeline.set_progress_bar_config(disable=True)
@@ -128,7 +130,7 @@ def to_uint8(frames) -> np.ndarray:
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
     """(frames, H, W, 3) uint8 → an H.264 MP4 (PyAV)."""
-    import av
+    av = require("av", "writing a generated video as MP4")
 
     height, width = frames.shape[1:3]
     with av.open(str(path), "w") as container:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from toollmm.config import ConfigError, RunConfig, load_deepspeed_config
+from toollmm.extras import install_hint, is_installed
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +85,31 @@ class MetricLogger:
         self.writer = None
         self.file = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             path = out_dir / "metrics.jsonl"
             if path.is_file():
                 kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
                 path.write_text("".join(line + "\n" for line in kept))
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=after_step + 1 if after_step else None)
+            if is_installed("tensorboard"):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=after_step + 1 if after_step else None)
+            else:
+                log.info("metrics.jsonl only, no TensorBoard logs: %s", install_hint("tensorboard"))
             self.file = open(path, "a")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
+            if self.writer is not None and isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(f"train/{key}", value, step)
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
             self.file.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -20,7 +21,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from toollmm.extras import install_hint, is_installed
 from toollmm.prompts import format_answer, parse_answer
+
+log = logging.getLogger(__name__)
 
 DEFINITIONS = """\
 - A response is *well-formed* when `prompts.parse_answer` returns a name: it is
@@ -497,7 +501,15 @@ def write_reports(
         without = [label or "predictions" for label, run in runs.items() if not run.get("top_k_recall")]
         if without:
             report.append("No `top_k` in: " + ", ".join(f"`{label}`" for label in without) + ".\n")
-    report += [f"![chart]({chart_path.name})", "", "## Definitions", "", DEFINITIONS]
+    # The chart is the one part that needs matplotlib (the [plots] extra); the figures are all above.
+    with_chart = is_installed("matplotlib")
+    if with_chart:
+        report.append(f"![chart]({chart_path.name})\n")
+    else:
+        log.warning("no chart.png: %s", install_hint("matplotlib"))
+        report.append(f"No chart: matplotlib is not installed ({install_hint('matplotlib')}).\n")
+    report += ["## Definitions", "", DEFINITIONS]
     _write_atomically(report_path, "\n".join(report))
-    _write_atomically(chart_path, render_chart(metrics, title))
+    if with_chart:
+        _write_atomically(chart_path, render_chart(metrics, title))
     return json_path, report_path, chart_path

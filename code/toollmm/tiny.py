@@ -27,13 +27,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from toollmm import prompts
 from toollmm.config import project_root
+from toollmm.extras import install_hint, is_installed
 from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, save_imagebind
 from toollmm.tiny_decoders import build_tiny_decoders
 from toollmm.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA = Path("../shared/data")
+DATA_DIR = Path("data")  # the bundled sample data, relative to the project root
 LLM_DIR = Path("pretrained_checkpoint/LLM_ckpt/tiny_llama")
 IMAGEBIND_FILE = Path("pretrained_checkpoint/imagebind_ckpt/tiny/imagebind_tiny.pth")
 VOCAB_SIZE = 3000
@@ -67,8 +68,31 @@ TOKENIZER_CONFIG = {
 }
 
 
+class MissingDataError(RuntimeError):
+    """The sample data the tokenizer is trained on is not where the builder looks."""
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The tokenizer needs the ToolMMBench rows; say where they were looked for and how to get them."""
+    # Both sets feed the tokenizer's training text: with either missing it would come out different.
+    wanted = {"toolmmbench": "*.json", "t2x_pairs": "*/*.json"}
+    if not data_dir.is_dir():
+        problem = f"the sample data folder {data_dir} does not exist"
+    else:
+        empty = [data_dir / name for name, pattern in wanted.items() if not any((data_dir / name).glob(pattern))]
+        if not empty:
+            return
+        problem = " and ".join(str(p) for p in empty) + " hold no .json files"
+    raise MissingDataError(
+        f"{problem}. The tiny default's tokenizer is trained on the bundled sample data: run from a full clone "
+        "of the project (its data/ folder holds toolmmbench/ and t2x_pairs/), restore it with `git checkout -- data`, "
+        "or pass --data-dir to a folder with that layout."
+    )
+
+
 def corpus(data_dir: Path, extra_files: list[Path]) -> list[str]:
     """Every query, tool name and caption in the bundled data, plus the prompt strings."""
+    check_data_dir(data_dir)
     texts: list[str] = []
     files = sorted((data_dir / "toolmmbench").glob("*.json")) + extra_files
     for path in files:
@@ -130,11 +154,14 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
 def build(root: Path, data_dir: Path, force: bool = False) -> tuple[Path, Path]:
     llm_dir, imagebind_file = root / LLM_DIR, root / IMAGEBIND_FILE
     # The decoders' tiny text encoders (caption embeddings for stage 2): cheap, own skip logic.
-    build_tiny_decoders(root, force=force)
+    if is_installed("diffusers"):
+        build_tiny_decoders(root, force=force)
+    else:
+        log.warning("tiny decoders not built (stage 2 and generated media need them): %s", install_hint("diffusers"))
     if not force and (llm_dir / "config.json").is_file() and imagebind_file.is_file():
         log.info("tiny default already at %s and %s", llm_dir, imagebind_file)
         return llm_dir, imagebind_file
-    sample_rows = root / "data" / "toolmmbench_sample" / "media_requests.json"
+    sample_rows = data_dir / "toolmmbench_sample" / "media_requests.json"
     texts = corpus(data_dir, [sample_rows] if sample_rows.is_file() else [])
 
     # Build in a temporary folder and move into place: an interrupted build leaves nothing half-written.
@@ -169,13 +196,16 @@ def build(root: Path, data_dir: Path, force: bool = False) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None, help="project root (default: this checkout)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="bundled sample data (default: ../shared/data)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="bundled sample data (default: ROOT/data)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the files exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     root = (args.root or project_root()).resolve()
-    data_dir = args.data_dir or (root / SHARED_DATA)
-    build(root, data_dir.resolve(), force=args.force)
+    data_dir = args.data_dir or (root / DATA_DIR)
+    try:
+        build(root, data_dir.resolve(), force=args.force)
+    except MissingDataError as err:
+        raise SystemExit(f"toollmm-build-tiny: {err}") from None
 
 
 if __name__ == "__main__":

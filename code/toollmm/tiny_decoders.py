@@ -37,6 +37,7 @@ import torch
 from transformers import ClapTextConfig, ClapTextModelWithProjection, CLIPTextConfig, CLIPTextModel
 
 from toollmm.config import project_root
+from toollmm.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,7 @@ def write_model_index(folder: Path, pipeline_class: str, encoder_class: str, tok
 
 def build_tiny_decoders(root: Path, force: bool = False) -> dict[str, Path]:
     """Build (or find, or complete) the three tiny decoders under ``root``; returns name → folder."""
+    require("diffusers", "building the tiny decoders")
     base = Path(root) / DIFFUSION_DIR
     folders = {}
     for name, (pipeline_class, tokenizer_class, make_encoder, make_parts) in DECODERS.items():

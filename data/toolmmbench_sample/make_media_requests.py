@@ -1,10 +1,10 @@
-"""One-off generator for data/toolmmbench_sample/media_requests.json (kept for provenance)."""
+"""Writes data/toolmmbench_sample/media_requests.json from the bundled media (paths relative to data/)."""
 import json
 from pathlib import Path
-shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-images = sorted(p.relative_to(shared).as_posix() for p in (shared/"t2x_pairs/cc3m/images").glob("*.jpg")) + ["assets/bird_image.jpg"]
-audios = sorted(p.relative_to(shared).as_posix() for p in (shared/"t2x_pairs/audiocap/audios").glob("*.wav")) + ["assets/bird_audio.wav", "assets/test.wav"]
-videos = sorted(p.relative_to(shared).as_posix() for p in (shared/"t2x_pairs/webvid/videos").glob("*.mp4")) + ["assets/test.mp4"]
+data = Path(__file__).resolve().parents[1]  # the project's data/ folder
+images = sorted(p.relative_to(data).as_posix() for p in (data/"t2x_pairs/cc3m/images").glob("*.jpg")) + ["assets/bird_image.jpg"]
+audios = sorted(p.relative_to(data).as_posix() for p in (data/"t2x_pairs/audiocap/audios").glob("*.wav")) + ["assets/bird_audio.wav", "assets/test.wav"]
+videos = sorted(p.relative_to(data).as_posix() for p in (data/"t2x_pairs/webvid/videos").glob("*.mp4")) + ["assets/test.mp4"]
 # (query, tool) per modality; the last query of each list is the same text for all three
 # modalities, so only the media tells which tool fits.
 generic = "Which model should handle this file?"

@@ -1,8 +1,8 @@
 """Precompute encoder features for every media file a config's data names, into the feature cache.
 
-    python code/extract_features.py --config code/config/tiny.yaml
+    python code/extract_features.py --config tiny
     python code/extract_features.py --config my.yaml --split train --batch-size 128 --num-workers 15 --dtype bf16
-    python code/extract_features.py --config code/config/tiny.yaml --data rows.json --media-root media/
+    python code/extract_features.py --config tiny --data rows.json --media-root media/
 
 Config: ``config/base.yaml`` + ``config/stage_<N>.yaml`` + ``--config`` files + ``key=value``
 overrides, as for training; ``model.imagebind_*`` names the encoder and

@@ -2,7 +2,7 @@
 
 Config mode — the split a config trains and evaluates on::
 
-    python code/preprocess_dataset.py --config code/config/tiny.yaml --output-dir data/splits/tiny
+    python code/preprocess_dataset.py --config tiny --output-dir data/splits/tiny
 
 writes ``train.json`` (one row per (request, tool), the published training layout),
 ``test.json`` (one row per request with the list of acceptable tools, the evaluation
@@ -12,8 +12,8 @@ skipped by reason, with examples).
 Convert mode — raw published formats into the unified format of ``toollmm.data.converters``::
 
     python code/preprocess_dataset.py convert --format caption-pairs \
-        --input ../shared/data/t2x_pairs/webvid/webvid.json \
-        --media-root ../shared/data/t2x_pairs/webvid/videos --output-dir data/unified/webvid
+        --input data/t2x_pairs/webvid/webvid.json \
+        --media-root data/t2x_pairs/webvid/videos --output-dir data/unified/webvid
 
 writes unified ``train.json`` / ``test.json`` (split by request) and ``report.json`` (counts
 of malformed rows, empty fields, over-length rows, unknown tools, missing media and
