@@ -16,9 +16,6 @@ def digest(path):
 
 
 def test_tiny_build_is_deterministic(tiny_default, tmp_path):
-    (tmp_path / "data" / "toolmmbench_sample").mkdir(parents=True)
-    sample = ROOT / "data" / "toolmmbench_sample" / "media_requests.json"
-    (tmp_path / "data" / "toolmmbench_sample" / "media_requests.json").write_bytes(sample.read_bytes())
     llm_dir, imagebind_file = build(tmp_path, DATA)
     for name in ("tokenizer.model", "model.safetensors", "config.json", "tokenizer.json"):
         assert digest(llm_dir / name) == digest(TINY_LLM / name), name

@@ -92,7 +92,6 @@ def check_data_dir(data_dir: Path) -> None:
 
 def corpus(data_dir: Path, extra_files: list[Path]) -> list[str]:
     """Every query, tool name and caption in the bundled data, plus the prompt strings."""
-    check_data_dir(data_dir)
     texts: list[str] = []
     files = sorted((data_dir / "toolmmbench").glob("*.json")) + extra_files
     for path in files:
@@ -153,12 +152,15 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
 
 def build(root: Path, data_dir: Path, force: bool = False) -> tuple[Path, Path]:
     llm_dir, imagebind_file = root / LLM_DIR, root / IMAGEBIND_FILE
+    built = not force and (llm_dir / "config.json").is_file() and imagebind_file.is_file()
+    if not built:
+        check_data_dir(data_dir)  # before any other work: a missing folder is the likely first error
     # The decoders' tiny text encoders (caption embeddings for stage 2): cheap, own skip logic.
     if is_installed("diffusers"):
         build_tiny_decoders(root, force=force)
     else:
         log.warning("tiny decoders not built (stage 2 and generated media need them): %s", install_hint("diffusers"))
-    if not force and (llm_dir / "config.json").is_file() and imagebind_file.is_file():
+    if built:
         log.info("tiny default already at %s and %s", llm_dir, imagebind_file)
         return llm_dir, imagebind_file
     sample_rows = data_dir / "toolmmbench_sample" / "media_requests.json"

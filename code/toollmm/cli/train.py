@@ -3,8 +3,8 @@
     bash scripts/train.sh --stage 3 [--config my.yaml ...] [key=value ...]
 
 ``scripts/train.sh`` runs this under ``torchrun`` (one process per GPU, or one CPU process
-with the gloo backend). Config: ``config/base.yaml`` + ``config/stage_<N>.yaml`` + ``--config``
-files + overrides; see ``toollmm.config``.
+with the gloo backend). Config: the packaged ``base.yaml`` + ``stage_<N>.yaml`` + ``--config``
+layers (a YAML file, or a packaged config's name such as ``tiny``) + overrides; see ``toollmm.config``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from toollmm.config import (
     check_paths,
     check_training_device,
     load_config,
+    packaged_configs,
     resolve_path,
 )
 from toollmm.data import load_splits
@@ -64,7 +65,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, required=True, choices=[1, 2, 3],
                         help="1: encoder alignment, 2: decoder alignment, 3: instruction tuning")
-    parser.add_argument("--config", action="append", default=[], help="extra YAML layered over base + stage")
+    parser.add_argument("--config", action="append", default=[],
+                        help=f"a YAML file, or a packaged config's name ({', '.join(packaged_configs())}), "
+                             "layered over base + stage; repeatable")
     parser.add_argument("--resume", action="store_true", help="continue from the newest state in train.output_dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed's launcher
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
