@@ -8,7 +8,7 @@ Two paths, on the CPU of the machine it runs on:
 2. on-the-fly decoding (what the cache avoids): the ImageBind preprocessing of the bundled
    media files, per file type, in one process (files/s).
 
-    PYTHONPATH=code .venv/bin/python bench/data_path_bench.py --config tiny --json bench/results/data_path.json
+    PYTHONPATH=code .venv/bin/python bench/data_path_bench.py --config tiny --json /tmp/data_path.json
 """
 
 from __future__ import annotations

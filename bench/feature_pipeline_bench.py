@@ -1,4 +1,4 @@
-"""JPEG files → cached ImageBind-huge features, end to end, on one GPU (issue 3's 800 images/s goal).
+"""JPEG files → cached ImageBind-huge features, end to end, on one GPU (goal: 800 images/s).
 
 Random-init huge weights of the real shapes are saved like imagebind_huge.pth and loaded the
 way training loads them; N synthetic JPEGs (smooth random images with noise, 500×375, like

@@ -1,4 +1,4 @@
-"""Batched tool-selection inference throughput at 7B shape (issue 4's "whole benchmark in seconds").
+"""Batched tool-selection inference throughput at 7B shape (goal: the whole benchmark in seconds).
 
 A random-init LLaMA of a published shape (bench/make_random_llm.py) + LoRA + projector in bf16,
 the real prompts of the bundled ToolMMBench evaluation file (1917 queries; a random feature

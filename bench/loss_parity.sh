@@ -10,7 +10,7 @@
 #   SETTINGS=fast TAG=random bash bench/loss_parity.sh train.group_by_length=false   # a variant, same table
 # On CPU, DeepSpeed has no fp16 ("Type fp16 is not supported on your device"), so the published
 # run takes bf16 there (CPU_OVERRIDES); on a GPU set CPU_OVERRIDES and LAYERS to the 7B set-up
-# of bench/speed.sh, after it has built /tmp/vicuna-7b_vocab (results/2026-11-26_loss_keeping/):
+# of bench/speed.sh, after it has built /tmp/vicuna-7b_vocab (bench/results/loss_parity.md):
 #   LAYERS="tiny bench/gpu_smoke.yaml" CPU_OVERRIDES="train.max_time_s=0 train.offload_optimizer=false" \
 #     EPOCHS=1 SEEDS=0 SETTINGS=published bash bench/loss_parity.sh model.llm_path=/tmp/vicuna-7b_vocab
 # (Adam on the GPU: the same update, and a 7B published epoch then fits a 10-minute call: 464-511 s.)

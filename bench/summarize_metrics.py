@@ -87,7 +87,7 @@ def _tokens(steady: list[dict], span_s: float, params: float | None, peak_tflops
     if params:
         out["mfu_4n"] = round(tokens_per_s * 4 * params / (peak_tflops * 1e12), 4)
         out["mfu_formula"] = f"tokens/s × 4 × {params:.3g} / {peak_tflops} TFLOP/s"
-        # The yardstick: the ~790 TFLOP/s a bf16 8192³ matmul reaches on the device's H100.
+        # The yardstick: the ~790 TFLOP/s a bf16 8192³ matmul reaches on an H100.
         out["mfu_4n_vs_790"] = round(tokens_per_s * 4 * params / 790e12, 4)
     return out
 
