@@ -164,6 +164,10 @@ class DataFile:
     """A JSON list in the ToolMMBench schema."""
     media_root: str = ""
     """Folder the rows' image_path / audio_path / video_path are relative to."""
+    media_layout: Literal["flat", "published"] = "flat"
+    """flat: every path is ``media_root/<path>``. published: the authors' ``mm_dataset/``, where
+    images are ``media_root/image/<image_path>``, audio ``media_root/audio/<audio_path>`` and
+    video ``media_root/<video_path>`` (those paths already start with ``video/``)."""
 
 
 @dataclass
@@ -203,6 +207,10 @@ class DataConfig:
     missing_media: Literal["skip", "text_only", "error"] = "skip"
     """What to do with a row whose media file is missing: skip it (counted and reported),
     use it without the media (text-only prompt, counted and reported), or stop."""
+    sampling: Literal["shuffled_union", "published"] = "shuffled_union"
+    """How an epoch is drawn. shuffled_union: every example once, from one shuffled pool of all
+    files. published: the original's multi-dataset sampler (each micro-batch from one data file,
+    largest file × number of files examples an epoch, smaller files oversampled)."""
     max_tgt_len: int = 512
     """Cap on the tokens after the media slot (query + answer), as the original's max_tgt_len."""
     feature_cache_dir: str = "data/cache/features"
@@ -454,6 +462,9 @@ def validate(config: RunConfig) -> None:
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
                           "data.train_files, and data.eval_files or data.split.test_fraction > 0")
+    if config.data.sampling == "published" and t.group_by_length:
+        raise ConfigError("data.sampling=published draws each micro-batch from one file at random; it cannot also group "
+                          "by length: set train.group_by_length=false or data.sampling=shuffled_union")
     if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3 (null: the DeepSpeed config's), got {t.zero_stage}")
 

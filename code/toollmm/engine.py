@@ -62,9 +62,12 @@ def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> di
     return ds
 
 
-def planned_steps(num_examples: int, config: RunConfig, world_size: int) -> int:
+def planned_steps(num_examples: int, config: RunConfig, world_size: int, micro_batches_per_rank: int | None = None) -> int:
+    """Optimizer steps of the run. ``micro_batches_per_rank``: an epoch's micro-batches where the
+    sampler decides them (published sampling); else every example once."""
     t = config.train
-    micro_batches_per_rank = math.ceil(num_examples / world_size / t.micro_batch_size)
+    if micro_batches_per_rank is None:
+        micro_batches_per_rank = math.ceil(num_examples / world_size / t.micro_batch_size)
     steps = t.epochs * (micro_batches_per_rank // t.gradient_accumulation_steps)
     if steps == 0:
         raise ConfigError(

@@ -1,0 +1,94 @@
+"""The authors' data path: the published mm_dataset/ layout and the multi-dataset epoch."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import DATA
+from toollmm.config import load_config
+from toollmm.data import load_splits
+from toollmm.data.dataset import PublishedBatchSampler
+from toollmm.data.toolmmbench import read_toolmmbench
+
+BENCH = DATA / "toolmmbench"
+ASSET = {"image": DATA / "assets" / "bird_image.jpg", "audio": DATA / "assets" / "bird_audio.wav",
+         "video": DATA / "assets" / "test.mp4"}
+SUBFOLDER = {"image": "image", "audio": "audio", "video": ""}  # video paths start with video/
+
+
+def lay_out_mm_dataset(root, files):
+    """Every media file the rows name, placed as the authors ship mm_dataset/: hard links to
+    one copy of a bundled file per modality (1161 files, no copies of their bytes)."""
+    sources = {}
+    for modality, asset in ASSET.items():
+        sources[modality] = root / f"_bundled{asset.suffix}"
+        shutil.copy(asset, sources[modality])
+    for name in files:
+        for row in json.loads((BENCH / name).read_text()):
+            for modality in ASSET:
+                value = row.get(f"{modality}_path")
+                if value:
+                    target = root / "mm_dataset" / SUBFOLDER[modality] / value
+                    if not target.exists():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.link(sources[modality], target)
+    return root / "mm_dataset"
+
+
+def test_published_mm_dataset_layout_reads_every_row(tmp_path):
+    files = ["audio_tx2t.json", "video_tx2t.json", "combined_data.json"]
+    mm_dataset = lay_out_mm_dataset(tmp_path, files)
+    config = load_config(3, overrides=[
+        "data.train_files=" + json.dumps([{"path": str(BENCH / n), "media_root": str(mm_dataset), "media_layout": "published"}
+                                          for n in files[:2]]),
+        "data.eval_files=" + json.dumps([{"path": str(BENCH / files[2]), "media_root": str(mm_dataset),
+                                          "media_layout": "published"}]),
+        "data.missing_media=error",
+    ])
+    splits = load_splits(config.data)
+    report = splits.report
+    assert report.rows == report.used == 2944 + 224 + 1917
+    assert not report.skipped and report.text_only == 0
+    assert report.by_modality == {"audio": 2944 + 125, "video": 224 + 17, "image": 614, "text": 1161}
+    assert "(audio 3069, image 614, text 1161, video 241)" in report.summary()
+    assert all(ref.path.is_file() for record in splits.train + splits.test for ref in record.media)
+    # The flat rule (media_root/<path>) finds none of the image and audio files of that folder.
+    _, flat = read_toolmmbench(BENCH / "combined_data.json", mm_dataset, "skip")
+    assert flat.used == 1161 + 17 and flat.skipped["missing media"] == 614 + 125
+
+
+def epochs(sampler, count):
+    out = []
+    for epoch in range(count):
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+def test_published_sampling_oversamples_the_smaller_file():
+    sources = ["a.json"] * 6 + ["b.json"] * 2
+    sampler = PublishedBatchSampler(sources, batch_size=2, seed=13)
+    first, second = epochs(sampler, 2)
+    assert len(sampler) == 6 and sum(len(b) for b in first) == 12
+    for batch in first + second:
+        assert len({sources[i] for i in batch}) == 1
+    # Files alternate, one micro-batch each; the small file is drawn three times an epoch.
+    assert [sources[b[0]] for b in first] == ["a.json", "b.json"] * 3
+    assert sorted(i for b in first if sources[b[0]] == "a.json" for i in b) == [0, 1, 2, 3, 4, 5]
+    assert sorted(i for b in first if sources[b[0]] == "b.json" for i in b) == [6, 6, 6, 7, 7, 7]
+    assert epochs(PublishedBatchSampler(sources, batch_size=2, seed=13), 2) == [first, second]
+    assert first != second and epochs(PublishedBatchSampler(sources, batch_size=2, seed=14), 1)[0] != first
+
+
+def test_published_sampling_splits_each_global_batch_across_ranks():
+    sources = ["a.json"] * 6 + ["b.json"] * 2
+    ranks = [list(PublishedBatchSampler(sources, batch_size=1, world_size=2, rank=r, seed=0)) for r in (0, 1)]
+    alone = list(PublishedBatchSampler(sources, batch_size=2, seed=0))
+    assert [a + b for a, b in zip(*ranks)] == alone  # rank r takes the r-th share of the same global batch
+
+
+def test_published_sampling_refuses_a_file_smaller_than_a_global_batch():
+    with pytest.raises(ValueError, match="b.json has 2.*data.sampling=shuffled_union"):
+        PublishedBatchSampler(["a.json"] * 6 + ["b.json"] * 2, batch_size=3)
