@@ -114,6 +114,11 @@ class OutputsConfig:
 
     enabled: bool = False
     projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
+    train_rows: Literal["signal", "all"] = "signal"
+    """Rows of the embedding and LM head that train. signal: the added signal-token rows only
+    (stages 2-3), the base vocabulary fixed and without weight decay. all: both matrices whole,
+    with weight decay, in every stage, as NExT-GPT's ``resize_token_embeddings`` after freezing
+    the LLM left them (checkpoints then hold both matrices: 0.5 GB at 7B)."""
     alignment_loss: Literal["l2", "mse"] = "l2"
     """l2: mean over tokens of the Euclidean distance to the caption embedding (what the published
     code minimises, calling it MSE); mse: mean squared error."""
