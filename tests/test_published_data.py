@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -10,7 +11,9 @@ from conftest import DATA
 from toollmm.config import load_config
 from toollmm.data import load_splits
 from toollmm.data.dataset import PublishedBatchSampler
-from toollmm.data.toolmmbench import read_toolmmbench
+from toollmm.data.split import group_queries, training_pairs
+from toollmm.data.toolmmbench import read_toolmmbench, tool_catalogue
+from toollmm.prompts import format_answer
 
 BENCH = DATA / "toolmmbench"
 ASSET = {"image": DATA / "assets" / "bird_image.jpg", "audio": DATA / "assets" / "bird_audio.wav",
@@ -92,3 +95,28 @@ def test_published_sampling_splits_each_global_batch_across_ranks():
 def test_published_sampling_refuses_a_file_smaller_than_a_global_batch():
     with pytest.raises(ValueError, match="b.json has 2.*data.sampling=shuffled_union"):
         PublishedBatchSampler(["a.json"] * 6 + ["b.json"] * 2, batch_size=3)
+
+
+def test_repeated_rows_and_tool_names_as_the_original_trains_on_them():
+    def pairs(*overrides):
+        config = load_config(3, ["tiny"], list(overrides))
+        records = load_splits(config.data).train
+        return records, training_pairs(records, config.data.duplicate_rows == "keep")
+
+    tiny_records, tiny_pairs = pairs()
+    # The tiny default: each (query, media, tool) once, names stripped.
+    assert all(tool == tool.strip() for _, tool in tiny_pairs)
+    records, kept = pairs("data.duplicate_rows=keep", "data.tool_names=verbatim", "data.split.test_fraction=0",
+                          "data.train_files=" + json.dumps([{"path": str(BENCH / n)} for n in ("audio_tx2t.json", "video_tx2t.json")]),
+                          "data.eval_files=[]")
+    by_file = Counter(record.source.rsplit("/", 1)[-1] for record, _ in kept)
+    assert by_file == {"audio_tx2t.json": 2944, "video_tx2t.json": 224}
+    dropped = Counter(record.source.rsplit("/", 1)[-1] for record, _ in training_pairs(records))
+    assert by_file - dropped == {"audio_tx2t.json": 545, "video_tx2t.json": 8}
+    # Verbatim names reach the targets; the catalogue and the evaluation unit strip them.
+    records, verbatim = pairs("data.tool_names=verbatim")
+    spaced = sorted({tool for _, tool in verbatim if tool != tool.strip()})
+    assert spaced and " t5-base" in spaced
+    assert format_answer(" t5-base") == "{'api_name':  t5-base}\n###"  # the original's "{'api_name': " + value + "}\n###"
+    assert all(t == t.strip() for query in group_queries(records) for t in query.tools)
+    assert tool_catalogue(records) == tool_catalogue(tiny_records)

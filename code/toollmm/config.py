@@ -212,6 +212,13 @@ class DataConfig:
     missing_media: Literal["skip", "text_only", "error"] = "skip"
     """What to do with a row whose media file is missing: skip it (counted and reported),
     use it without the media (text-only prompt, counted and reported), or stop."""
+    duplicate_rows: Literal["keep", "drop"] = "keep"
+    """keep: every training row is an example, as the original (545 of the 2944 audio rows
+    repeat a (query, media, tool) of another). drop: each (query, media, tool) once."""
+    tool_names: Literal["verbatim", "stripped"] = "verbatim"
+    """Tool names in the training targets: verbatim as the rows write them (as the original;
+    28 evaluation rows have a leading space), or whitespace-stripped. Evaluation and the
+    catalogue compare stripped names either way."""
     sampling: Literal["shuffled_union", "published"] = "shuffled_union"
     """How an epoch is drawn. shuffled_union: every example once, from one shuffled pool of all
     files. published: the original's multi-dataset sampler (each micro-batch from one data file,

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[label] = evaluate_predictions(predictions, references, catalogue, allow_missing=args.allow_missing)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    tool, baseline = most_frequent_tool_baseline([tool for _, tool in training_pairs(splits.train)], references)
+    targets = [tool for _, tool in training_pairs(splits.train, config.data.duplicate_rows == "keep")]
+    tool, baseline = most_frequent_tool_baseline(targets, references)
     names = ", ".join(path.name for path in args.predictions)
     title = args.title or f"Tool selection: {names}"
     info = {"catalogue_size": len(catalogue), "baseline_tool": tool,

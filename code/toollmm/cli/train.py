@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Seeded again: extracting the features a cold cache misses (rank 0 only) draws from the RNG,
     # and the model's initialisation and dropout must not depend on how warm the cache was.
     seed_everything(config.train.seed + rank)
-    items = tool_items(training_pairs(tool_records)) + items
+    items = tool_items(training_pairs(tool_records, config.data.duplicate_rows == "keep")) + items
     dataset = InstructionDataset(items, tokenizer, features, config.data.max_tgt_len, signal, report)
     test_set = InstructionDataset(test_items, tokenizer, features, config.data.max_tgt_len, signal, report)
     if is_main:

@@ -42,6 +42,9 @@ def load_splits(config: DataConfig) -> Splits:
             except DataFileError as err:
                 skip_file(report, err)
                 continue
+            if config.tool_names == "stripped":
+                for record in rows:
+                    record.tools = [tool.strip() for tool in record.tools]
             log.info("%s:\n%s", path, file_report.summary())
             report.merge(file_report)
             records += rows

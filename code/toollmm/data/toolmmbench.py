@@ -33,7 +33,8 @@ class Record:
     """``<file stem>:<input modality>/<row id>``: published ids repeat across modalities."""
     query: str
     tools: list[str]
-    """Acceptable tools: one for training rows, one or more for evaluation rows."""
+    """Acceptable tools as the row writes them (28 evaluation rows have a leading space): one
+    for training rows, one or more for evaluation rows. ``data.tool_names: stripped`` strips them."""
     input_modality: str
     media: list[MediaRef] = field(default_factory=list)
     """Media that exist on disk. Empty for text rows and for missing media used text-only."""
@@ -247,7 +248,7 @@ def read_toolmmbench(
             Record(
                 id=f"{path.stem}:{modality}/{row.get('id', index)}",
                 query=turns[0]["value"],
-                tools=[t.strip() for t in tools],
+                tools=list(tools),
                 input_modality=modality,
                 media=media_refs,
                 media_keys=tuple(media_keys),
@@ -263,5 +264,6 @@ def read_toolmmbench(
 
 
 def tool_catalogue(records: list[Record]) -> list[str]:
-    """The union of tool names, sorted (``unknown`` included when present)."""
-    return sorted({tool for record in records for tool in record.tools})
+    """The union of tool names, whitespace-stripped (a tool's identity), sorted (``unknown``
+    included when present)."""
+    return sorted({tool.strip() for record in records for tool in record.tools})
