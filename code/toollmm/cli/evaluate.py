@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     paths = write_reports(single, args.output_dir, title, baseline, info)
     recall = format_recall_table(single)
     print(f"\n{title} (baseline: always '{tool}')\n{format_table(single, baseline)}" + (f"\n{recall}" if recall else ""))
+    for label, metrics in runs.items():
+        print(f"{label}: accuracy " + "; ".join(f"{rule['accuracy']:.3f} reading the {rule['label']}"
+                                                for rule in metrics["answer_rules"].values()))
     log.info("reports: %s", ", ".join(str(p) for p in paths))
     first = runs[args.labels[0]]
     return {"metrics": first, "runs": runs, "baseline": baseline, "baseline_tool": tool}
