@@ -120,3 +120,18 @@ def test_repeated_rows_and_tool_names_as_the_original_trains_on_them():
     assert format_answer(" t5-base") == "{'api_name':  t5-base}\n###"  # the original's "{'api_name': " + value + "}\n###"
     assert all(t == t.strip() for query in group_queries(records) for t in query.tools)
     assert tool_catalogue(records) == tool_catalogue(tiny_records)
+
+
+def test_published_epoch_of_the_audio_and_video_files_at_world_size_4():
+    from toollmm.engine import planned_steps, warmup_steps
+
+    config = load_config(3)  # stage_3.yaml: micro-batch 4 × accumulation 4, 5 epochs
+    sources = ["audio_tx2t.json"] * 2944 + ["video_tx2t.json"] * 224
+    ranks = [PublishedBatchSampler(sources, config.train.micro_batch_size, world_size=4, rank=r) for r in range(4)]
+    epoch = [batch for sampler in ranks for batch in sampler]
+    assert len(ranks[0]) == 368 and len(epoch) * 4 == 5888  # 2944 × 2 samples, half of them video
+    assert sum(sources[b[0]] == "video_tx2t.json" for b in epoch) * 4 == 2944
+    assert planned_steps(len(sources), config, 4, len(ranks[0])) == 460
+    assert planned_steps(len(sources), config, 4) == 5 * (198 // 4)  # each example once an epoch
+    assert config.train.warmup_rule == "published" and warmup_steps(0.1, 460, "published") == 46
+    assert (warmup_steps(0.1, 50, "published"), warmup_steps(0.1, 50, "ceil"), warmup_steps(0.1, 461, "ceil")) == (10, 5, 47)

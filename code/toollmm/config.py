@@ -248,6 +248,9 @@ class TrainConfig:
     train_batch_size: int | None = 64
     """Must equal micro_batch_size × gradient_accumulation_steps × world size (null: computed)."""
     warmup_rate: float = 0.1
+    warmup_rule: Literal["ceil", "published"] = "ceil"
+    """Warm-up steps from warmup_rate × planned steps T: ceil is max(1, ceil(rate·T)); published is
+    max(10, int(rate·T)), as both originals (at least 10 steps even in a short run)."""
     learning_rate: float | None = None
     """null: take the DeepSpeed config's optimizer lr."""
     seed: int = 0
