@@ -327,7 +327,9 @@ class InferenceConfig:
     batch_size: int = 16
     max_new_tokens: int = 64
     temperature: float = 0.0
-    """0: greedy. The original sampled with temperature 0.4 / top_p 0.7."""
+    """0: greedy. The original's inference.py sampled with temperature 0.4 and top_p 1.0 (the
+    top_p 0.7 of its config is never read), up to 512 new tokens, in fp16: inference.temperature=0.4
+    inference.max_new_tokens=512 model.dtype=fp16."""
     top_p: float = 1.0
     constrained: bool = False
     """Decode only answers of the tool catalogue (never a malformed or invented tool)."""
