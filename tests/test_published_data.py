@@ -135,3 +135,12 @@ def test_published_epoch_of_the_audio_and_video_files_at_world_size_4():
     assert planned_steps(len(sources), config, 4) == 5 * (198 // 4)  # each example once an epoch
     assert config.train.warmup_rule == "published" and warmup_steps(0.1, 460, "published") == 46
     assert (warmup_steps(0.1, 50, "published"), warmup_steps(0.1, 50, "ceil"), warmup_steps(0.1, 461, "ceil")) == (10, 5, 47)
+
+
+def test_feature_extraction_lists_media_in_the_published_layout(tmp_path):
+    from toollmm.cli.extract_features import toolmmbench_media
+
+    mm_dataset = lay_out_mm_dataset(tmp_path, ["video_tx2t.json"])
+    records = toolmmbench_media(BENCH / "video_tx2t.json", mm_dataset, "published")
+    paths = {ref.path for record in records for ref in record.media}
+    assert len(records) == 224 and paths and all(p.is_file() and p.parent == (mm_dataset / "video").resolve() for p in paths)

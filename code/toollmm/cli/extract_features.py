@@ -184,11 +184,16 @@ def setup(args) -> tuple:
     return config, refs, device
 
 
+def file_entry(entry: DataFile) -> dict:
+    return {"path": str(resolve_path(entry.path)), "media_root": str(resolve_path(entry.media_root)),
+            "media_layout": entry.media_layout}
+
+
 def describe_data(data: DataConfig, args) -> dict:
     return {
         "split": "all" if args.data is not None else args.split,
-        "train_files": [{"path": str(resolve_path(f.path)), "media_root": str(resolve_path(f.media_root))} for f in data.train_files],
-        "eval_files": [{"path": str(resolve_path(f.path)), "media_root": str(resolve_path(f.media_root))} for f in data.eval_files],
+        "train_files": [file_entry(f) for f in data.train_files],
+        "eval_files": [file_entry(f) for f in data.eval_files],
         "test_fraction": data.split.test_fraction,
     }
 
