@@ -144,3 +144,11 @@ def test_feature_extraction_lists_media_in_the_published_layout(tmp_path):
     records = toolmmbench_media(BENCH / "video_tx2t.json", mm_dataset, "published")
     paths = {ref.path for record in records for ref in record.media}
     assert len(records) == 224 and paths and all(p.is_file() and p.parent == (mm_dataset / "video").resolve() for p in paths)
+
+
+def test_published_sampling_cannot_also_group_by_length():
+    from toollmm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot also group by length: set train.group_by_length=false"):
+        load_config(3, ["tiny"], ["data.sampling=published"])
+    assert load_config(3, ["tiny"], ["data.sampling=published", "train.group_by_length=false"]).data.sampling == "published"
