@@ -92,6 +92,21 @@ def test_hand_made_predictions_exact_numbers(references):
     assert metrics["missing_predictions"] == 0
 
 
+def test_both_answer_rules_are_scored_and_labelled(references):
+    predictions = hand_made_predictions()
+    metrics = evaluate_predictions(predictions, references, CATALOGUE)
+    rules = metrics["answer_rules"]
+    assert rules["stop_string"] == {"label": "up to the first \\n### (ours)", **metrics["overall"]}
+    # audio/3's response "ignored" is not an answer when read (its tool field is); the rest read alike.
+    assert (rules["first_line"]["label"], rules["first_line"]["correct"], rules["first_line"]["format_errors"]) == \
+        ("first line (the original's inference.py)", 3, 2)
+    predictions[0]["response"] = "{'api_name': t5-base}\nand more"  # a line break before the stop string
+    predictions[1]["response"] = "\n{'api_name': google/vit}\n###"  # an empty first line
+    rules = evaluate_predictions(predictions, references, CATALOGUE)["answer_rules"]
+    assert (rules["stop_string"]["correct"], rules["first_line"]["correct"]) == (2, 2)
+    assert (rules["stop_string"]["format_errors"], rules["first_line"]["format_errors"]) == (2, 3)
+
+
 def test_parsed_tool_none_is_a_format_error(references):
     predictions = [{"question_id": qid, "response": "", "tool": None} for qid in references]
     overall = evaluate_predictions(predictions, references, CATALOGUE)["overall"]

@@ -138,6 +138,24 @@ def test_a_stage_2_step_moves_only_the_signal_rows(signal_tokenizer):
     assert frozen and all(torch.equal(after[n], before[n]) for n in frozen)
 
 
+def test_train_rows_all_trains_every_vocabulary_row_with_weight_decay(signal_tokenizer):
+    tokenizer, signal = signal_tokenizer
+    vocab = {"llm.model.embed_tokens.weight", "llm.lm_head.weight"}
+    stage_1 = model_for(1, signal, "model.outputs.train_rows=all")  # NExT-GPT: every stage, stage 1 included
+    assert trainable(stage_1) == {"input_projector.weight", "input_projector.bias"} | vocab
+    model = model_for(2, signal, "model.outputs.train_rows=all")
+    assert [len(group["params"]) for group in optimizer_groups(model)] == [len(trainable(model))]  # one group: decayed
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(optimizer_groups(model), lr=1e-2, weight_decay=0.001)
+    batch = collate(tokenizer, [dataset_item(tokenizer, signal, "image"), dataset_item(tokenizer, signal, "audio")])
+    model(**batch)["loss"].backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    for name in vocab:
+        assert (after[name][:3000] != before[name][:3000]).any(1).all(), name  # weight decay moves every row
+    assert set(checkpoint_state(model)) >= vocab | set(SIGNAL_ROWS)
+
+
 def collate(tokenizer, examples):
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
     assert batch.pop("record_ids") == [e.record_id for e in examples]

@@ -70,7 +70,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(checkpoint_state(model), tmp / WEIGHTS, metadata={"format": "toollmm"})
-    if config.model.tuning == "lora":
+    if "lora" in model.parts:  # stages 1-2 have no adapter: save_pretrained would write the whole base
         model.llm.save_pretrained(tmp / "adapter")
     (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer.save_pretrained(tmp / "tokenizer")

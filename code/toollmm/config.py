@@ -114,6 +114,11 @@ class OutputsConfig:
 
     enabled: bool = False
     projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
+    train_rows: Literal["signal", "all"] = "signal"
+    """Rows of the embedding and LM head that train. signal: the added signal-token rows only
+    (stages 2-3), the base vocabulary fixed and without weight decay. all: both matrices whole,
+    with weight decay, in every stage, as NExT-GPT's ``resize_token_embeddings`` after freezing
+    the LLM left them (checkpoints then hold both matrices: 0.5 GB at 7B)."""
     alignment_loss: Literal["l2", "mse"] = "l2"
     """l2: mean over tokens of the Euclidean distance to the caption embedding (what the published
     code minimises, calling it MSE); mse: mean squared error."""
@@ -164,6 +169,10 @@ class DataFile:
     """A JSON list in the ToolMMBench schema."""
     media_root: str = ""
     """Folder the rows' image_path / audio_path / video_path are relative to."""
+    media_layout: Literal["flat", "published"] = "flat"
+    """flat: every path is ``media_root/<path>``. published: the authors' ``mm_dataset/``, where
+    images are ``media_root/image/<image_path>``, audio ``media_root/audio/<audio_path>`` and
+    video ``media_root/<video_path>`` (those paths already start with ``video/``)."""
 
 
 @dataclass
@@ -203,6 +212,17 @@ class DataConfig:
     missing_media: Literal["skip", "text_only", "error"] = "skip"
     """What to do with a row whose media file is missing: skip it (counted and reported),
     use it without the media (text-only prompt, counted and reported), or stop."""
+    duplicate_rows: Literal["keep", "drop"] = "keep"
+    """keep: every training row is an example, as the original (545 of the 2944 audio rows
+    repeat a (query, media, tool) of another). drop: each (query, media, tool) once."""
+    tool_names: Literal["verbatim", "stripped"] = "verbatim"
+    """Tool names in the training targets: verbatim as the rows write them (as the original;
+    28 evaluation rows have a leading space), or whitespace-stripped. Evaluation and the
+    catalogue compare stripped names either way."""
+    sampling: Literal["shuffled_union", "published"] = "shuffled_union"
+    """How an epoch is drawn. shuffled_union: every example once, from one shuffled pool of all
+    files. published: the original's multi-dataset sampler (each micro-batch from one data file,
+    largest file × number of files examples an epoch, smaller files oversampled)."""
     max_tgt_len: int = 512
     """Cap on the tokens after the media slot (query + answer), as the original's max_tgt_len."""
     feature_cache_dir: str = "data/cache/features"
@@ -228,6 +248,9 @@ class TrainConfig:
     train_batch_size: int | None = 64
     """Must equal micro_batch_size × gradient_accumulation_steps × world size (null: computed)."""
     warmup_rate: float = 0.1
+    warmup_rule: Literal["ceil", "published"] = "ceil"
+    """Warm-up steps from warmup_rate × planned steps T: ceil is max(1, ceil(rate·T)); published is
+    max(10, int(rate·T)), as both originals (at least 10 steps even in a short run)."""
     learning_rate: float | None = None
     """null: take the DeepSpeed config's optimizer lr."""
     seed: int = 0
@@ -304,7 +327,9 @@ class InferenceConfig:
     batch_size: int = 16
     max_new_tokens: int = 64
     temperature: float = 0.0
-    """0: greedy. The original sampled with temperature 0.4 / top_p 0.7."""
+    """0: greedy. The original's inference.py sampled with temperature 0.4 and top_p 1.0 (the
+    top_p 0.7 of its config is never read), up to 512 new tokens, in fp16: inference.temperature=0.4
+    inference.max_new_tokens=512 model.dtype=fp16."""
     top_p: float = 1.0
     constrained: bool = False
     """Decode only answers of the tool catalogue (never a malformed or invented tool)."""
@@ -454,6 +479,9 @@ def validate(config: RunConfig) -> None:
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
                           "data.train_files, and data.eval_files or data.split.test_fraction > 0")
+    if config.data.sampling == "published" and t.group_by_length:
+        raise ConfigError("data.sampling=published draws each micro-batch from one file at random; it cannot also group "
+                          "by length: set train.group_by_length=false or data.sampling=shuffled_union")
     if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3 (null: the DeepSpeed config's), got {t.zero_stage}")
 

@@ -25,6 +25,7 @@ import logging
 import pickle
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,14 +101,15 @@ def map_names(delta: dict[str, torch.Tensor], source: Path) -> dict[str, torch.T
     return mapped
 
 
-def original_name(name: str) -> str:
+def mllm_tool_name(name: str) -> str:
     ours = next(p for p in PREFIXES.values() if name.startswith(p))
     return next(o for o, p in PREFIXES.items() if p == ours) + name[len(ours):]
 
 
-def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, source: Path) -> int:
+def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, source: Path, need_lora: bool = True) -> int:
     """What the tensors say about the model they came from, against the config and the base's
-    config.json. Returns the projector's input size (the encoder dimension)."""
+    config.json. Returns the projector's input size (the encoder dimension). ``need_lora``:
+    refuse a file without LoRA (an MLLM-Tool delta; NExT-GPT's stage 1-2 checkpoints have none)."""
     model_config = config.model
     llm_dir = resolve_path(model_config.llm_path)
     if not (llm_dir / "config.json").is_file():
@@ -138,11 +140,11 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
         match = LORA_NAME.match(name)
         if match:
             lora[int(match[1]), match[2]][match[3]] = tuple(tensor.shape)
-    if not lora:
+    if not lora and need_lora:
         raise DeltaError(
             f"{source}: no LoRA weights (llama_model.*.lora_A/B.default.weight); Tool_LMM imports the LoRA delta only"
         )
-    delta_layers = sorted({layer for layer, _ in lora})
+    delta_layers = sorted({layer for layer, _ in lora}) or [layers - 1]
     if delta_layers[-1] + 1 != layers:
         problems.append(
             f"the delta has LoRA on layers {delta_layers[0]}..{delta_layers[-1]} ({delta_layers[-1] + 1} layers) but the base "
@@ -162,7 +164,7 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
         )
     delta_modules = {module for _, module in lora}
     configured = set(model_config.lora.target_modules)
-    if delta_modules != configured:
+    if lora and delta_modules != configured:
         problems.append(
             f"the delta has LoRA on {sorted(delta_modules)} but model.lora.target_modules={sorted(configured)}: "
             f"pass model.lora.target_modules=[{','.join(sorted(delta_modules))}]"
@@ -172,9 +174,11 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
     return encoder_dim
 
 
-def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path) -> None:
+def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path,
+                        original_name: Callable[[str], str] | None = None) -> None:
     """Exactly the model's checkpoint names (``checkpoint_tensors``), with its shapes; names are
-    reported as the delta spells them."""
+    reported as the delta spells them (``original_name``: ours → the file's; MLLM-Tool's by default)."""
+    original_name = original_name or mllm_tool_name
     expected = set(own)
     missing, extra = expected - set(mapped), set(mapped) - expected
     problems = []
@@ -187,7 +191,7 @@ def check_against_model(mapped: dict[str, torch.Tensor], own: dict[str, torch.Te
     if wrong:
         problems.append(f"shapes differ (delta vs model): {_listed(wrong, 4)}")
     if problems:
-        raise DeltaError(f"{source} does not match the LoRA model built from the config:\n  " + "\n  ".join(problems))
+        raise DeltaError(f"{source} does not match the model built from the config:\n  " + "\n  ".join(problems))
 
 
 def recorded_encoder_identity(path: Path, size: str) -> str:
@@ -221,4 +225,125 @@ def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
     identity = recorded_encoder_identity(resolve_path(config.model.imagebind_path), config.model.imagebind_size)
     save_checkpoint(Path(out_dir), model.eval(), config, tokenizer, progress, identity)
     log.info("imported %d tensors from %s into %s", len(mapped), delta_path, out_dir)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- NExT-GPT
+# NExT-GPT saves ``pytorch_model.pt`` the same way (every parameter with requires_grad, plus the
+# projectors): llama_proj.*, the output projectors as one-element ModuleLists named per
+# modality, the LoRA weights in stage 3, and the whole embedding and LM head, which its
+# resize_token_embeddings after freezing the LLM left trainable (vocabulary + 38 added tokens:
+# <Img>, </Img>, [IMG0..3], [VID0..23], [AUD0..7], the order and ids of ours).
+NEXTGPT_PROJECTORS = {"gen_text_hidden_fcs.0.": "image", "gen_text_hidden_fcs_video.0.": "video",
+                      "gen_text_hidden_fcs_audio.0.": "audio"}
+NEXTGPT_VOCAB = re.compile(r"^llama_model\.(?:base_model\.model\.)?(model\.embed_tokens|lm_head)\.weight$")
+VOCAB_SUFFIXES = {"model.embed_tokens": "embed_tokens.weight", "lm_head": "lm_head.weight"}
+
+
+def is_nextgpt(delta: dict[str, torch.Tensor]) -> bool:
+    return any(name.startswith("gen_text_hidden_fcs") for name in delta)
+
+
+def split_nextgpt(delta: dict[str, torch.Tensor], source: Path) -> tuple[dict, dict]:
+    """(tensors under our names except the vocabulary, the two vocabulary matrices by kind);
+    any other key is an error naming it."""
+    mapped, vocab, unknown = {}, {}, []
+    for name, tensor in delta.items():
+        vocab_match = NEXTGPT_VOCAB.match(name)
+        prefix = next((p for p in NEXTGPT_PROJECTORS if name.startswith(p)), None)
+        if vocab_match:
+            vocab[vocab_match[1]] = tensor
+            continue
+        if prefix is not None:
+            ours = f"output_projectors.{NEXTGPT_PROJECTORS[prefix]}." + name[len(prefix):]
+        elif name.startswith("llama_proj."):
+            ours = "input_projector." + name[len("llama_proj."):]
+        elif LORA_NAME.match(name):
+            ours = "llm." + name[len("llama_model."):]
+        else:
+            unknown.append(name)
+            continue
+        mapped[ours] = tensor
+    if unknown:
+        raise DeltaError(
+            f"{source}: keys that are none of NExT-GPT's input projector (llama_proj.*), output projectors "
+            f"(gen_text_hidden_fcs[_video|_audio].0.*), LoRA weights or embedding / LM head: {_listed(unknown)}. "
+            "Projectors of several LLM layers (text_emb_to_*_layers with more than one entry) have no counterpart here."
+        )
+    missing = [kind for kind in VOCAB_SUFFIXES if kind not in vocab]
+    if missing:
+        raise DeltaError(f"{source}: no {' or '.join(f'llama_model.*{k}.weight' for k in missing)}: a NExT-GPT checkpoint "
+                         "holds both vocabulary matrices (the signal-token rows are read from them)")
+    return mapped, vocab
+
+
+def nextgpt_name(name: str, lora: bool) -> str:
+    """Our checkpoint name → NExT-GPT's (for messages)."""
+    from toollmm.model.toollmm import SIGNAL_ROWS
+
+    llm = "llama_model.base_model.model." if lora else "llama_model."
+    if name in SIGNAL_ROWS:
+        return llm + ("model.embed_tokens.weight" if name == SIGNAL_ROWS[0] else "lm_head.weight") + " (signal-token rows)"
+    if name.startswith("output_projectors."):
+        modality, rest = name[len("output_projectors."):].split(".", 1)
+        return next(p for p, m in NEXTGPT_PROJECTORS.items() if m == modality) + rest
+    if name.startswith("input_projector."):
+        return "llama_proj." + name[len("input_projector."):]
+    return "llama_model." + name[len("llm."):] if name.startswith("llm.") else name
+
+
+def import_nextgpt(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
+    """A NExT-GPT ``pytorch_model.pt`` → one Tool_LMM checkpoint: stage 3 (LoRA) when the file
+    holds LoRA weights, else stage 2. The base-vocabulary rows are kept whole
+    (``model.outputs.train_rows: all``) when they differ from the base LLM's; otherwise only the
+    signal-token rows are taken. Every key is checked against the model built from the config."""
+    from toollmm.model.toollmm import SIGNAL_ROWS, set_trainable, trainable_parts
+    from toollmm.signal_tokens import add_signal_tokens
+
+    delta_path = Path(delta_path)
+    delta = read_delta(delta_path)
+    mapped, vocab = split_nextgpt(delta, delta_path)
+    has_lora = any(".lora_" in name for name in mapped)
+    encoder_dim = check_delta_structure(delta, config, delta_path, need_lora=False)
+    config.model.outputs.enabled = True
+    config.train.stage = 3 if has_lora else 2
+
+    tokenizer = load_tokenizer(resolve_path(config.model.llm_path))
+    signal = add_signal_tokens(tokenizer, config.model.outputs)
+    rows = {kind: tensor.shape[0] for kind, tensor in vocab.items()}
+    if set(rows.values()) != {signal.vocab_size}:
+        raise DeltaError(
+            f"{delta_path}: the embedding / LM head have {rows} rows, but the base vocabulary ({signal.base_vocab_size}) "
+            f"plus this config's {len(signal.names)} signal tokens make {signal.vocab_size}: set "
+            "model.outputs.{image,video,audio}.signal_tokens as the checkpoint was trained (NExT-GPT: 4, 24, 8)"
+        )
+    dtypes = {t.dtype for t in [*mapped.values(), *vocab.values()]}
+    dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
+    log.info("loading the base LLM from %s (%s)", resolve_path(config.model.llm_path), dtype)
+    model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal)
+    base = signal.base_vocab_size
+    bases = {"model.embed_tokens": model.llm.get_input_embeddings().weight, "lm_head": model.llm.get_output_embeddings().weight}
+    drift = max(float((vocab[k][:base].float() - bases[k][:base].detach().float()).abs().max()) for k in bases)
+    if drift > 0 and config.model.outputs.train_rows != "all":
+        # NExT-GPT trained (and weight-decayed) every row: keeping only the signal rows would
+        # change the model. Nothing trains here, so switching the parts after the build is safe.
+        log.warning("the checkpoint's base-vocabulary rows differ from %s (max |difference| %.3g): importing both "
+                    "matrices whole (model.outputs.train_rows=all)", config.model.llm_path, drift)
+        config.model.outputs.train_rows = "all"
+        set_trainable(model, trainable_parts(config.train.stage, config.model))
+    own = checkpoint_tensors(model)
+    for kind, suffix in VOCAB_SUFFIXES.items():
+        row_key = SIGNAL_ROWS[0] if kind == "model.embed_tokens" else SIGNAL_ROWS[1]
+        mapped[row_key] = vocab[kind][base:]
+        for name in own:
+            if name.startswith("llm.") and name.endswith(suffix):
+                mapped[name] = vocab[kind]
+    check_against_model(mapped, own, delta_path, lambda name: nextgpt_name(name, has_lora))
+    load_trainable_state(model, mapped, delta_path)
+
+    progress = {"step": None, "imported_from": str(delta_path.resolve()), "format": "nextgpt"}
+    identity = recorded_encoder_identity(resolve_path(config.model.imagebind_path), config.model.imagebind_size)
+    save_checkpoint(Path(out_dir), model.eval(), config, tokenizer, progress, identity)
+    log.info("imported %d NExT-GPT tensors from %s into %s (stage %d%s)", len(delta), delta_path, out_dir,
+             config.train.stage, ", whole vocabulary matrices" if config.model.outputs.train_rows == "all" else "")
     return Path(out_dir)

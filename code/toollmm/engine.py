@@ -57,14 +57,24 @@ def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> di
     if scheduler and scheduler["type"] == "WarmupDecayLR":
         params = scheduler["params"]
         params["total_num_steps"] = max(1, total_steps)
-        params["warmup_num_steps"] = max(1, math.ceil(config.train.warmup_rate * total_steps))
+        params["warmup_num_steps"] = warmup_steps(config.train.warmup_rate, total_steps, config.train.warmup_rule)
         params["warmup_max_lr"] = ds["optimizer"]["params"]["lr"]
     return ds
 
 
-def planned_steps(num_examples: int, config: RunConfig, world_size: int) -> int:
+def warmup_steps(rate: float, total_steps: int, rule: str) -> int:
+    """``train.warmup_rule``: ceil → max(1, ceil(rate·T)); published → max(10, int(rate·T))."""
+    if rule == "published":
+        return max(10, int(rate * total_steps))
+    return max(1, math.ceil(rate * total_steps))
+
+
+def planned_steps(num_examples: int, config: RunConfig, world_size: int, micro_batches_per_rank: int | None = None) -> int:
+    """Optimizer steps of the run. ``micro_batches_per_rank``: an epoch's micro-batches where the
+    sampler decides them (published sampling); else every example once."""
     t = config.train
-    micro_batches_per_rank = math.ceil(num_examples / world_size / t.micro_batch_size)
+    if micro_batches_per_rank is None:
+        micro_batches_per_rank = math.ceil(num_examples / world_size / t.micro_batch_size)
     steps = t.epochs * (micro_batches_per_rank // t.gradient_accumulation_steps)
     if steps == 0:
         raise ConfigError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toollmm.extras import install_hint, is_installed
-from toollmm.prompts import format_answer, parse_answer
+from toollmm.prompts import ANSWER_RULES, format_answer, parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ DEFINITIONS = """\
 - A response is *well-formed* when `prompts.parse_answer` returns a name: it is
   `{'api_name': NAME}` after cutting at the first `\\n###` and stripping whitespace
   (quotes around NAME are dropped).
+- The original read the first line of a response instead (its inference.py); the metrics'
+  `answer_rules` give the overall rates under both rules, each labelled (a prediction
+  without a `response` counts its `tool` under both).
 - Names are compared as exact, case-sensitive strings after stripping surrounding
   whitespace (Hugging Face resolves ids case-insensitively, but we do not guess).
 - *accuracy*: the predicted name is one of the question's acceptable tools.
@@ -250,6 +253,19 @@ def ranked_tools(top_k, question_id) -> list[str]:
     return list(dict.fromkeys(tool for tool, _ in entries))
 
 
+def score(predicted: dict, question_id, reference, catalogue: set[str]) -> Counter:
+    """One question's outcome (n, and correct / hallucinated / format_errors / missing_predictions)."""
+    outcome = Counter(n=1)
+    if question_id not in predicted:
+        outcome["missing_predictions"] = 1
+    elif (tool := predicted[question_id]) is None:
+        outcome["format_errors"] = 1
+    else:
+        outcome["correct"] = int(tool in reference.acceptable)
+        outcome["hallucinated"] = int(tool not in catalogue)
+    return outcome
+
+
 def evaluate_predictions(
     predictions: list[dict],
     references: dict,
@@ -267,6 +283,7 @@ def evaluate_predictions(
         raise ValueError(f"{len(outside)} acceptable tools are not in the catalogue, e.g. {outside[:5]}")
 
     predicted_tool: dict = {}
+    first_line_tool: dict = {}
     ranked: dict = {}
     for prediction in predictions:
         question_id = prediction["question_id"]
@@ -276,6 +293,8 @@ def evaluate_predictions(
             raise ValueError(f"more than one prediction for question_id {question_id!r}")
         tool = prediction["tool"] if "tool" in prediction else parse_answer(prediction["response"])
         predicted_tool[question_id] = tool.strip() if tool else None
+        first_line = parse_answer(prediction["response"], "first_line") if "response" in prediction else tool
+        first_line_tool[question_id] = first_line.strip() if first_line else None
         if prediction.get("top_k") is not None:
             ranked[question_id] = ranked_tools(prediction["top_k"], question_id)
 
@@ -289,15 +308,11 @@ def evaluate_predictions(
     sources: dict[str, Counter] = {"ifambiguity": Counter(), "onetomulti": Counter()}
     recall_overall: Counter = Counter()
     recall_by_modality: dict[str, Counter] = {}
+    by_rule = {rule: Counter() for rule in ANSWER_RULES}
     for question_id, reference in references.items():
-        outcome = Counter(n=1)
-        if question_id not in predicted_tool:
-            outcome["missing_predictions"] = 1
-        elif (tool := predicted_tool[question_id]) is None:
-            outcome["format_errors"] = 1
-        else:
-            outcome["correct"] = int(tool in reference.acceptable)
-            outcome["hallucinated"] = int(tool not in catalogue)
+        outcome = score(predicted_tool, question_id, reference, catalogue)
+        by_rule["stop_string"].update(outcome)
+        by_rule["first_line"].update(score(first_line_tool, question_id, reference, catalogue))
         overall.update(outcome)
         question_groups = reference.groups()
         for breakdown, (group, _) in question_groups.items():
@@ -324,6 +339,7 @@ def evaluate_predictions(
            for breakdown, by_group in groups.items()},
         "breakdown_sources": {name: dict(sorted(counts.items())) for name, counts in sources.items()},
         "missing_predictions": overall["missing_predictions"],
+        "answer_rules": {rule: {"label": ANSWER_RULES[rule], **_rates(counts)} for rule, counts in by_rule.items()},
         "top_k_recall": None,
     }
     if max_k:

@@ -23,13 +23,16 @@ class Modality:
     encoder_branch: str
     """ImageBind branch: images and videos both go through the vision trunk."""
     load: Callable[[Path], torch.Tensor]
+    published_folder: str
+    """Subfolder of the published ``mm_dataset/`` holding this modality's files (the row's path
+    is joined under it); empty where the rows' paths already start with one (``video/...``)."""
 
 
 MODALITIES: dict[str, Modality] = {
     m.name: m
     for m in (
-        Modality("image", "image_path", "vision", media.load_image),
-        Modality("audio", "audio_path", "audio", media.load_audio),
-        Modality("video", "video_path", "vision", media.load_video),
+        Modality("image", "image_path", "vision", media.load_image, "image"),
+        Modality("audio", "audio_path", "audio", media.load_audio, "audio"),
+        Modality("video", "video_path", "vision", media.load_video, ""),
     )
 }

@@ -64,9 +64,18 @@ def prompt_segments(query: str, has_media: bool) -> list[str | None]:
 _ANSWER_RE = re.compile(r"^\{\s*'api_name'\s*:\s*(?P<name>[^{}\n]+?)\s*\}$")
 
 
-def parse_answer(response: str) -> str | None:
-    """The tool name in a model response, or ``None`` when the format is invalid."""
-    text = response.split(STOP_STRING, 1)[0].strip()
+ANSWER_RULES = {"stop_string": "up to the first \\n### (ours)", "first_line": "first line (the original's inference.py)"}
+"""How much of a response is read as the answer, with the label reports give each rule."""
+
+
+def parse_answer(response: str, rule: str = "stop_string") -> str | None:
+    """The tool name in a model response, or ``None`` when the format is invalid. ``rule``:
+    stop_string reads up to the first ``\n###``; first_line reads the first line, as the
+    original's inference.py kept it (a response that breaks the line before its stop string
+    is then still read)."""
+    if rule not in ANSWER_RULES:
+        raise ValueError(f"answer rule {rule!r} is not one of {list(ANSWER_RULES)}")
+    text = response.split(STOP_STRING if rule == "stop_string" else "\n", 1)[0].strip()
     match = _ANSWER_RE.match(text)
     if match is None:
         return None

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[label] = evaluate_predictions(predictions, references, catalogue, allow_missing=args.allow_missing)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    tool, baseline = most_frequent_tool_baseline([tool for _, tool in training_pairs(splits.train)], references)
+    targets = [tool for _, tool in training_pairs(splits.train, config.data.duplicate_rows == "keep")]
+    tool, baseline = most_frequent_tool_baseline(targets, references)
     names = ", ".join(path.name for path in args.predictions)
     title = args.title or f"Tool selection: {names}"
     info = {"catalogue_size": len(catalogue), "baseline_tool": tool,
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     paths = write_reports(single, args.output_dir, title, baseline, info)
     recall = format_recall_table(single)
     print(f"\n{title} (baseline: always '{tool}')\n{format_table(single, baseline)}" + (f"\n{recall}" if recall else ""))
+    for label, metrics in runs.items():
+        print(f"{label}: accuracy " + "; ".join(f"{rule['accuracy']:.3f} reading the {rule['label']}"
+                                                for rule in metrics["answer_rules"].values()))
     log.info("reports: %s", ", ".join(str(p) for p in paths))
     first = runs[args.labels[0]]
     return {"metrics": first, "runs": runs, "baseline": baseline, "baseline_tool": tool}

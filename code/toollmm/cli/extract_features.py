@@ -34,6 +34,7 @@ from toollmm.config import ConfigError, DataConfig, DataFile, load_config, resol
 from toollmm.data.split import split_by_query
 from toollmm.data.toolmmbench import MediaRef, Record, media_path, read_toolmmbench
 from toollmm.features import DTYPES, FeatureCache, FrozenEncoder, default_num_workers, extract_features
+from toollmm.modalities import MODALITIES
 
 log = logging.getLogger("toollmm.extract_features")
 
@@ -47,16 +48,18 @@ EXAMPLES = 20
 # train/test split is the one training uses. Caption-pair files: add a reader here.
 
 
-def toolmmbench_media(path: Path, media_root: Path) -> list[Record]:
+def toolmmbench_media(path: Path, media_root: Path, media_layout: str = "flat") -> list[Record]:
     """ToolMMBench rows (well-formed ones; training skips the others) and the media they name."""
-    records, _ = read_toolmmbench(path, media_root, missing_media="text_only")
+    records, _ = read_toolmmbench(path, media_root, "text_only", media_layout)
     for record in records:
         # media_keys keep what the row wrote ("image:<path>"), missing files included.
-        record.media = [MediaRef(name, media_path(media_root, value)) for name, value in (k.split(":", 1) for k in record.media_keys)]
+        record.media = [MediaRef(name, media_path(media_root, value, MODALITIES[name].published_folder
+                                                  if media_layout == "published" else ""))
+                        for name, value in (k.split(":", 1) for k in record.media_keys)]
     return records
 
 
-READERS: dict[str, Callable[[Path, Path], list[Record]]] = {"toolmmbench": toolmmbench_media}
+READERS: dict[str, Callable[..., list[Record]]] = {"toolmmbench": toolmmbench_media}
 
 
 def split_records(data: DataConfig, split: str) -> list[Record]:
@@ -69,7 +72,7 @@ def split_records(data: DataConfig, split: str) -> list[Record]:
             if not path.is_file():
                 raise ConfigError(f"data.{key}[{i}].path: {path} does not exist")
             try:
-                records += READERS["toolmmbench"](path, resolve_path(entry.media_root))
+                records += READERS["toolmmbench"](path, resolve_path(entry.media_root), entry.media_layout)
             except ValueError as err:  # not JSON / not a list of rows
                 raise ConfigError(f"data.{key}[{i}].path: {err}") from err
         return records
@@ -181,11 +184,16 @@ def setup(args) -> tuple:
     return config, refs, device
 
 
+def file_entry(entry: DataFile) -> dict:
+    return {"path": str(resolve_path(entry.path)), "media_root": str(resolve_path(entry.media_root)),
+            "media_layout": entry.media_layout}
+
+
 def describe_data(data: DataConfig, args) -> dict:
     return {
         "split": "all" if args.data is not None else args.split,
-        "train_files": [{"path": str(resolve_path(f.path)), "media_root": str(resolve_path(f.media_root))} for f in data.train_files],
-        "eval_files": [{"path": str(resolve_path(f.path)), "media_root": str(resolve_path(f.media_root))} for f in data.eval_files],
+        "train_files": [file_entry(f) for f in data.train_files],
+        "eval_files": [file_entry(f) for f in data.eval_files],
         "test_fraction": data.split.test_fraction,
     }
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.stage, args.config, args.overrides)
     splits = load_splits(config.data)
-    train = [to_row(record, i + 1, tool) for i, (record, tool) in enumerate(training_pairs(splits.train))]
+    pairs = training_pairs(splits.train, config.data.duplicate_rows == "keep")
+    train = [to_row(record, i + 1, tool) for i, (record, tool) in enumerate(pairs)]
     test_queries: list[Query] = group_queries(splits.test)
     test = [to_row(q.record, i + 1, q.tools) for i, q in enumerate(test_queries)]
     out = args.output_dir

@@ -36,7 +36,14 @@ from toollmm.config import (
     resolve_path,
 )
 from toollmm.data import load_splits
-from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, PackingCollator, tool_items
+from toollmm.data.dataset import (
+    Collator,
+    InstructionDataset,
+    LengthGroupedBatchSampler,
+    PackingCollator,
+    PublishedBatchSampler,
+    tool_items,
+)
 from toollmm.data.split import training_pairs
 from toollmm.data.stages import caption_items, instruction_items
 from toollmm.data.toolmmbench import DataReport
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Seeded again: extracting the features a cold cache misses (rank 0 only) draws from the RNG,
     # and the model's initialisation and dropout must not depend on how warm the cache was.
     seed_everything(config.train.seed + rank)
-    items = tool_items(training_pairs(tool_records)) + items
+    items = tool_items(training_pairs(tool_records, config.data.duplicate_rows == "keep")) + items
     dataset = InstructionDataset(items, tokenizer, features, config.data.max_tgt_len, signal, report)
     test_set = InstructionDataset(test_items, tokenizer, features, config.data.max_tgt_len, signal, report)
     if is_main:
@@ -153,7 +160,18 @@ def main(argv: list[str] | None = None) -> Path:
         if longest > config.train.pack_length:
             raise ConfigError(f"train.pack_length={config.train.pack_length} is shorter than the longest example "
                               f"({longest} tokens, prompt included): set train.pack_length={longest} or more")
-    if config.train.group_by_length:
+    epoch_batches = None
+    if config.data.sampling == "published":
+        try:
+            sampler = PublishedBatchSampler([e.source for e in dataset.examples], config.train.micro_batch_size,
+                                            world_size, rank, config.train.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        batching, epoch_batches = {"batch_sampler": sampler}, len(sampler)
+        if is_main:
+            log.info("published sampling: %d micro-batches per rank an epoch (%d examples over the ranks) from %d files",
+                     len(sampler), len(sampler) * config.train.micro_batch_size * world_size, len(sampler.groups))
+    elif config.train.group_by_length:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in dataset.examples], config.train.micro_batch_size,
                                             world_size, rank, config.train.seed, config.train.length_group_batches)
         batching = {"batch_sampler": sampler}
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> Path:
         # RNG and shift the dropout stream of a resumed run.
         generator=torch.Generator().manual_seed(config.train.seed),
     )
-    total_steps = planned_steps(len(dataset), config, world_size)
+    total_steps = planned_steps(len(dataset), config, world_size, epoch_batches)
 
     # ---- model + engine
     import deepspeed

@@ -38,10 +38,13 @@ def load_splits(config: DataConfig) -> Splits:
         for entry in entries:
             path, media_root = resolve_path(entry.path), resolve_path(entry.media_root)
             try:
-                rows, file_report = read_toolmmbench(path, media_root, config.missing_media)
+                rows, file_report = read_toolmmbench(path, media_root, config.missing_media, entry.media_layout)
             except DataFileError as err:
                 skip_file(report, err)
                 continue
+            if config.tool_names == "stripped":
+                for record in rows:
+                    record.tools = [tool.strip() for tool in record.tools]
             log.info("%s:\n%s", path, file_report.summary())
             report.merge(file_report)
             records += rows
@@ -50,7 +53,7 @@ def load_splits(config: DataConfig) -> Splits:
             if config.missing_media == "text_only":
                 catalogue_records.extend(rows)
             else:
-                catalogue_records.extend(read_toolmmbench(path, media_root, "text_only")[0])
+                catalogue_records.extend(read_toolmmbench(path, media_root, "text_only", entry.media_layout)[0])
         return records
 
     train, test = read(config.train_files), read(config.eval_files)

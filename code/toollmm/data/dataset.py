@@ -30,6 +30,8 @@ class Example:
     """The caption embedding its signal-token run is aligned to (stage 2, generation rows)."""
     target_value: torch.Tensor | None = None
     """``target`` read from its folder (filled by ``__getitem__``)."""
+    source: str = ""
+    """The data file of its item (``PublishedBatchSampler`` groups by it)."""
 
 
 def record_feature(record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
@@ -40,7 +42,7 @@ def record_feature(record, features: dict[MediaRef, torch.Tensor]) -> torch.Tens
 
 def tool_items(pairs: list[tuple[Record, str]]) -> list[Item]:
     """Tool-selection examples: one per (request, acceptable tool)."""
-    return [Item(record.id, record.query, format_answer(tool), record.media) for record, tool in pairs]
+    return [Item(record.id, record.query, format_answer(tool), record.media, source=record.source) for record, tool in pairs]
 
 
 def run_problem(labels: list[int], item: Item, signal: SignalTokens) -> str | None:
@@ -98,6 +100,7 @@ class InstructionDataset(torch.utils.data.Dataset):
                     feature=record_feature(item, features),
                     record_id=item.id,
                     target=item.target,
+                    source=item.source,
                 )
             )
         if self.skipped:
@@ -263,3 +266,51 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         for index in torch.randperm(len(batches), generator=generator).tolist():
             # Deal the sorted global batch round-robin so every rank gets similar lengths.
             yield batches[index][self.rank :: self.world_size].tolist()
+
+
+class PublishedBatchSampler(torch.utils.data.Sampler):
+    """The original's multi-dataset batch sampler, for one rank of ``world_size``.
+
+    Each data file is a dataset. An epoch runs ceil(largest / global batch) rounds; a round
+    takes one global batch (``batch_size × world_size`` examples) from each file in turn, so
+    an epoch holds about largest file × number of files examples, every micro-batch from one
+    file, and the smaller files are seen several times. A file is drawn as successive random
+    permutations cut into whole global batches (the remainder of each permutation is dropped,
+    as the original's ``drop_last``). Seeded by ``seed`` and the epoch, where the original drew
+    from the process's RNG. Each rank takes its contiguous share of the global batch.
+    """
+
+    def __init__(self, sources: list[str], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        groups: dict[str, list[int]] = {}
+        for index, source in enumerate(sources):
+            groups.setdefault(source, []).append(index)
+        self.groups = [torch.tensor(g) for g in groups.values()]
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.seed, self.epoch = seed, 0
+        global_batch = batch_size * world_size
+        small = {name: len(g) for name, g in groups.items() if len(g) < global_batch}
+        if small:
+            name, size = next(iter(small.items()))
+            raise ValueError(f"data.sampling=published draws whole global batches of {global_batch} examples from each "
+                             f"file, but {name} has {size}: lower train.micro_batch_size, merge the file with another, "
+                             "or set data.sampling=shuffled_union")
+        self.rounds = -(-max(len(g) for g in self.groups) // global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.rounds * len(self.groups)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        global_batch = self.batch_size * self.world_size
+        pending: list[list[torch.Tensor]] = [[] for _ in self.groups]
+        for _ in range(self.rounds):
+            for g, group in enumerate(self.groups):
+                if not pending[g]:
+                    order = group[torch.randperm(len(group), generator=generator)]
+                    whole = len(order) // global_batch * global_batch
+                    pending[g] = list(order[:whole].split(global_batch))
+                batch = pending[g].pop(0)
+                yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()

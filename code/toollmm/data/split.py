@@ -22,11 +22,14 @@ def in_test_split(key: tuple, seed: int, test_fraction: float) -> bool:
 
 
 def group_queries(records: list[Record]) -> list[Query]:
-    """Merge rows of the same request (query text + media) into one query with all its tools."""
+    """Merge rows of the same request (query text + media) into one query with all its tools,
+    whitespace-stripped (a tool's identity in evaluation)."""
     groups: dict[tuple, Query] = {}
     for record in records:
         query = groups.setdefault(record.request_key, Query(record, []))
-        query.tools += [t for t in record.tools if t not in query.tools]
+        for tool in record.tools:
+            if tool.strip() not in query.tools:
+                query.tools.append(tool.strip())
     return list(groups.values())
 
 
@@ -39,14 +42,16 @@ def split_by_query(records: list[Record], test_fraction: float, seed: int) -> tu
     return train, test
 
 
-def training_pairs(records: list[Record]) -> list[tuple[Record, str]]:
+def training_pairs(records: list[Record], keep_duplicates: bool = False) -> list[tuple[Record, str]]:
     """One (record, tool) example per acceptable tool, as the published training files do.
-    A request that appears in several rows (one per tool) yields each tool once."""
+    A request that appears in several rows with the same tool yields it once, unless
+    ``keep_duplicates`` (the original trains on every row: 545 of the 2944 audio rows and 8 of
+    the 224 video rows repeat one)."""
     seen, pairs = set(), []
     for record in records:
         for tool in record.tools:
             key = (record.request_key, tool)
-            if key not in seen:
+            if keep_duplicates or key not in seen:
                 seen.add(key)
                 pairs.append((record, tool))
     return pairs

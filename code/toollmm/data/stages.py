@@ -48,6 +48,8 @@ class Item:
     """The target text, ending with the stop string."""
     media: list[MediaRef] = field(default_factory=list)
     target: CaptionTarget | None = None
+    source: str = ""
+    """The data file it came from (``data.sampling: published`` draws each micro-batch from one file)."""
 
 
 @dataclass
@@ -64,8 +66,8 @@ def open_embeddings(folder: Path, config: RunConfig, modality: str):
                                              expected_by=f"model.outputs.{modality}")
 
 
-def _read(config: RunConfig, entries, need_media: bool, report: DataReport) -> list[tuple[CaptionRecord, object]]:
-    """Records of every caption file with its embeddings folder (opened when named)."""
+def _read(config: RunConfig, entries, need_media: bool, report: DataReport) -> list[tuple[CaptionRecord, object, str]]:
+    """Records of every caption file with its embeddings folder (opened when named) and the file's path."""
     out = []
     for entry in entries:
         path = resolve_path(entry.path)
@@ -79,7 +81,7 @@ def _read(config: RunConfig, entries, need_media: bool, report: DataReport) -> l
         log.info("%s:\n%s", path, file_report.summary())
         report.merge(file_report)
         store = open_embeddings(resolve_path(entry.embeddings_dir), config, entry.modality) if entry.embeddings_dir else None
-        out += [(record, store) for record in records]
+        out += [(record, store, str(path)) for record in records]
     return out
 
 
@@ -100,15 +102,16 @@ def caption_items(config: RunConfig, stage: int, report: DataReport) -> tuple[li
     if not config.data.caption_files:
         raise ConfigError(f"stage {stage} trains on caption pairs: list them in data.caption_files")
     train, test = [], []
-    for record, store in _read(config, config.data.caption_files, need_media=stage == 1, report=report):
+    for record, store, source in _read(config, config.data.caption_files, need_media=stage == 1, report=report):
         if stage == 1:
-            item = Item(record.id, config.data.caption_prompt, record.caption + STOP_STRING, record.media)
+            item = Item(record.id, config.data.caption_prompt, record.caption + STOP_STRING, record.media, source=source)
         else:
             target = _target(record, store, report)
             if target is None:
                 continue
             length = config.model.outputs.modality(record.modality).signal_tokens
-            item = Item(record.id, record.caption, run_text(record.modality, length) + STOP_STRING, target=target)
+            item = Item(record.id, record.caption, run_text(record.modality, length) + STOP_STRING, target=target,
+                        source=source)
         held_out = in_test_split((record.modality, record.caption), config.data.split.seed, config.data.split.test_fraction)
         (test if held_out else train).append(item)
     return train, test
@@ -117,9 +120,9 @@ def caption_items(config: RunConfig, stage: int, report: DataReport) -> tuple[li
 def instruction_items(config: RunConfig, report: DataReport) -> list[Item]:
     """Stage 3 items from ``data.instruction_files`` (comprehension and generation rows)."""
     items = []
-    for record, store in _read(config, config.data.instruction_files, need_media=True, report=report):
+    for record, store, source in _read(config, config.data.instruction_files, need_media=True, report=report):
         if record.kind == "comprehension":
-            items.append(Item(record.id, record.prompt, record.caption + STOP_STRING, record.media))
+            items.append(Item(record.id, record.prompt, record.caption + STOP_STRING, record.media, source=source))
         elif record.kind == "generation":
             if not config.model.outputs.enabled:
                 raise ConfigError(f"{record.id}: generation rows need signal tokens: set model.outputs.enabled=true "
@@ -129,7 +132,7 @@ def instruction_items(config: RunConfig, report: DataReport) -> list[Item]:
                 continue
             run = run_text(record.modality, config.model.outputs.modality(record.modality).signal_tokens)
             answer = re.sub(rf"\s*{re.escape(MEDIA_TAGS[record.modality])}\s*", f" {run} ", record.response, count=1).strip()
-            items.append(Item(record.id, record.prompt, answer + STOP_STRING, target=target))
+            items.append(Item(record.id, record.prompt, answer + STOP_STRING, target=target, source=source))
         else:
             raise ConfigError(f"{record.id}: {record.kind} rows belong in data.caption_files (stages 1-2), "
                               "not data.instruction_files")

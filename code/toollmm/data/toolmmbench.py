@@ -33,7 +33,8 @@ class Record:
     """``<file stem>:<input modality>/<row id>``: published ids repeat across modalities."""
     query: str
     tools: list[str]
-    """Acceptable tools: one for training rows, one or more for evaluation rows."""
+    """Acceptable tools as the row writes them (28 evaluation rows have a leading space): one
+    for training rows, one or more for evaluation rows. ``data.tool_names: stripped`` strips them."""
     input_modality: str
     media: list[MediaRef] = field(default_factory=list)
     """Media that exist on disk. Empty for text rows and for missing media used text-only."""
@@ -42,6 +43,8 @@ class Record:
     ambiguity: object = -1
     ifambiguity: bool | None = None
     onetomulti: bool | None = None
+    source: str = ""
+    """The data file the row came from (``data.sampling: published`` draws each micro-batch from one file)."""
 
     @property
     def request_key(self) -> tuple[str, tuple[str, ...]]:
@@ -57,6 +60,8 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     text_only: int = 0
     """Rows whose media is missing, used without it (data.missing_media=text_only)."""
+    by_modality: Counter = field(default_factory=Counter)
+    """Rows used, by input modality (text, image, audio, video)."""
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def note(self, reason: str, example: str) -> None:
@@ -68,12 +73,15 @@ class DataReport:
         self.used += other.used
         self.skipped.update(other.skipped)
         self.text_only += other.text_only
+        self.by_modality.update(other.by_modality)
         for reason, items in other.examples.items():
             for item in items:
                 self.note(reason, item)
 
     def summary(self) -> str:
         lines = [f"{self.rows} rows read, {self.used} used"]
+        if self.by_modality:
+            lines[0] += " (" + ", ".join(f"{m} {n}" for m, n in sorted(self.by_modality.items())) + ")"
         if self.text_only:
             lines.append(f"  {self.text_only} used text-only because their media file is missing")
         for reason, count in sorted(self.skipped.items()):
@@ -88,6 +96,7 @@ class DataReport:
             "rows": self.rows,
             "used": self.used,
             "text_only": self.text_only,
+            "by_modality": dict(self.by_modality),
             "skipped": dict(self.skipped),
             "examples": dict(self.examples),
         }
@@ -122,11 +131,11 @@ def has_replacement(row) -> bool:
     return "\ufffd" in json.dumps(row, ensure_ascii=False)
 
 
-def media_path(media_root: Path, value: str) -> Path | None:
-    """``media_root / value`` when it stays inside ``media_root`` (links resolved), else None:
-    a data file may not point at ``../../etc/passwd``, an absolute path or a link out."""
+def media_path(media_root: Path, value: str, folder: str = "") -> Path | None:
+    """``media_root / folder / value`` when it stays inside ``media_root`` (links resolved), else
+    None: a data file may not point at ``../../etc/passwd``, an absolute path or a link out."""
     root = Path(media_root).resolve()
-    path = (root / value).resolve()
+    path = (root / folder / value).resolve()
     return path if path.is_relative_to(root) else None
 
 
@@ -179,9 +188,11 @@ def _problem(row) -> str | None:
 
 
 def read_toolmmbench(
-    path: Path, media_root: Path, missing_media: str = "skip"
+    path: Path, media_root: Path, missing_media: str = "skip", media_layout: str = "flat"
 ) -> tuple[list[Record], DataReport]:
-    """Read one ToolMMBench JSON file. ``missing_media``: skip | text_only | error."""
+    """Read one ToolMMBench JSON file. ``missing_media``: skip | text_only | error.
+    ``media_layout``: flat (``media_root/<path>``) or published (per-modality subfolders, see
+    ``DataFile.media_layout``)."""
     rows, lossy = read_json_rows(path, "ToolMMBench rows")
     report = DataReport(rows=len(rows))
     records = []
@@ -208,9 +219,10 @@ def read_toolmmbench(
             value = row.get(spec.row_key)
             if isinstance(value, str) and value:
                 media_keys.append(f"{name}:{value}")
-                if value not in resolved:
-                    resolved[value] = media_path(media_root, value)
-                media_file = resolved[value]
+                folder = spec.published_folder if media_layout == "published" else ""
+                if (folder, value) not in resolved:
+                    resolved[folder, value] = media_path(media_root, value, folder)
+                media_file = resolved[folder, value]
                 if media_file is None:
                     outside = value
                 media_refs.append(MediaRef(name, media_file))
@@ -222,7 +234,8 @@ def read_toolmmbench(
         if missing:
             if missing_media == "error":
                 raise MissingMediaError(
-                    f"{where}: media file {missing[0].path} is missing. Fix data.*_files media_root, or set "
+                    f"{where}: media file {missing[0].path} is missing. Fix data.*_files media_root (and "
+                    "media_layout: published for the authors' mm_dataset/ folder), or set "
                     "data.missing_media=skip or text_only."
                 )
             report.note("missing media", f"{where}: {missing[0].path}")
@@ -235,19 +248,22 @@ def read_toolmmbench(
             Record(
                 id=f"{path.stem}:{modality}/{row.get('id', index)}",
                 query=turns[0]["value"],
-                tools=[t.strip() for t in tools],
+                tools=list(tools),
                 input_modality=modality,
                 media=media_refs,
                 media_keys=tuple(media_keys),
                 ambiguity=row.get("ambiguity", turns[1].get("ambiguity", -1)),
                 ifambiguity=row.get("ifambiguity"),
                 onetomulti=row.get("onetomulti"),
+                source=str(path),
             )
         )
         report.used += 1
+        report.by_modality[modality] += 1
     return records, report
 
 
 def tool_catalogue(records: list[Record]) -> list[str]:
-    """The union of tool names, sorted (``unknown`` included when present)."""
-    return sorted({tool for record in records for tool in record.tools})
+    """The union of tool names, whitespace-stripped (a tool's identity), sorted (``unknown``
+    included when present)."""
+    return sorted({tool.strip() for record in records for tool in record.tools})

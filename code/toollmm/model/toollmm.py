@@ -228,14 +228,19 @@ def trainable_parts(stage: int, config: ModelConfig) -> set[str]:
     1: the input projector (encoder alignment). 2: output projectors and the signal-token rows
     (decoder alignment). 3: LoRA (or the whole LLM with ``tuning: full``) and the input
     projector, plus output projectors and signal-token rows when outputs are enabled.
+    With ``outputs.train_rows: all`` the whole embedding and LM head train in every stage
+    (``vocab_rows``) in place of the signal-token rows.
     """
     if stage == 1:
-        return {"input_projector"}
-    if stage == 2:
-        return {"output_projectors", "signal_rows"}
-    parts = {"input_projector", "lora" if config.tuning == "lora" else "llm"}
-    if config.outputs.enabled:
-        parts |= {"output_projectors", "signal_rows"}
+        parts = {"input_projector"}
+    elif stage == 2:
+        parts = {"output_projectors", "signal_rows"}
+    else:
+        parts = {"input_projector", "lora" if config.tuning == "lora" else "llm"}
+        if config.outputs.enabled:
+            parts |= {"output_projectors", "signal_rows"}
+    if config.outputs.enabled and config.outputs.train_rows == "all":
+        parts = (parts - {"signal_rows"}) | {"vocab_rows"}
     return parts
 
 
@@ -309,6 +314,9 @@ def set_trainable(model: ToolLMM, parts: set[str]) -> None:
         for weight in model.vocab_weights():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad, base=base: torch.cat([torch.zeros_like(grad[:base]), grad[base:]]))
+    if "vocab_rows" in parts:
+        for weight in model.vocab_weights():
+            weight.requires_grad_(True)
     # ds_numel: a weight built under ZeRO-3 (deepspeed.zero.Init) holds only this rank's shard.
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -319,7 +327,7 @@ def set_trainable(model: ToolLMM, parts: set[str]) -> None:
 def optimizer_groups(model: ToolLMM) -> list[dict]:
     """Trainable parameters for the optimizer; the vocabulary matrices without weight decay,
     which would otherwise shrink the frozen base rows a little every step."""
-    vocab = {id(w) for w in model.vocab_weights()} if model.signal is not None else set()
+    vocab = {id(w) for w in model.vocab_weights()} if model.signal is not None and "vocab_rows" not in model.parts else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in vocab]}]
     rows = [p for p in trainable if id(p) in vocab]
@@ -345,7 +353,8 @@ def checkpoint_tensors(model: ToolLMM) -> dict[str, torch.Tensor]:
 
 
 def _whole_checkpoint_parameters(model: ToolLMM) -> dict[str, nn.Parameter]:
-    vocab = {id(w) for w in model.vocab_weights()} if "llm" not in model.parts else set()
+    whole = model.parts & {"llm", "vocab_rows"}
+    vocab = {id(w) for w in model.vocab_weights()} if not whole else set()
     state = {}
     for name, param in model.named_parameters():
         if name.startswith(("input_projector.", "output_projectors.")):
