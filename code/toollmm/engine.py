@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from pathlib import Path
 
@@ -111,6 +113,40 @@ class MetricLogger:
             if self.writer is not None:
                 self.writer.close()
             self.file.close()
+
+
+class UnsafeStateFile(RuntimeError):
+    """A resume-state file that holds more than tensors and plain data (refused unread)."""
+
+
+def state_globals() -> list:
+    """The classes DeepSpeed's ZeRO optimizer states pickle besides tensors and plain data: the
+    only ones a resume state may name (anything else, e.g. ``os.system``, is refused unrun)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def load_state_file(path: str | Path, map_location=None):
+    """``torch.load`` with the weights-only unpickler and :func:`state_globals`: a planted pickle
+    raises :class:`UnsafeStateFile` naming the file, and none of its code runs."""
+    try:
+        with torch.serialization.safe_globals(state_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise UnsafeStateFile(f"{path} holds objects other than tensors and plain data ({reason}); it was refused "
+                              "unread and nothing in it ran") from None
+
+
+def load_resume_state(engine, folder: Path) -> dict | None:
+    """``engine.load_checkpoint`` of one resume state, every file read by :func:`load_state_file`
+    (DeepSpeed's own loader unpickles with ``weights_only=False``, which runs a planted pickle)."""
+    engine.checkpoint_engine.load = load_state_file
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+    return client_state
 
 
 RESUME_DIR = "resume"

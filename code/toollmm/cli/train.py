@@ -44,9 +44,12 @@ from toollmm.engine import (
     MetricLogger,
     StepProfiler,
     Stopwatch,
+    UnsafeStateFile,
     deepspeed_config,
     init_distributed,
     latest_resume_tag,
+    load_resume_state,
+    load_state_file,
     mark_complete,
     planned_steps,
     resume_tags,
@@ -72,6 +75,15 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """``train`` with its expected failures (config, data, resume state, divergence) as a
+    one-line message and exit status 1 instead of a traceback."""
+    try:
+        return train(argv)
+    except (ConfigError, TrainingDiverged) as err:
+        raise SystemExit(f"train: {err}") from None
+
+
+def train(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -373,17 +385,23 @@ def last_checkpoint(out_dir: Path) -> Path | None:
 
 
 def resume(engine, out_dir: Path, rank: int) -> dict:
-    """Load the newest complete resume state; a corrupt one is reported and the previous one used."""
+    """Load the newest complete resume state; a truncated or corrupt one is reported and the
+    previous one used. A file holding anything but tensors and plain data stops the run unread."""
     for tag in resume_tags(out_dir):
+        folder = out_dir / RESUME_DIR / tag
         try:
-            _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=tag, load_module_strict=False)
+            rng = read_rng(folder, rank)  # before the engine's state: a bad RNG file falls back like any other
+            client_state = load_resume_state(engine, folder)
             if client_state is None:
                 raise RuntimeError("DeepSpeed found no state under this tag")
+        except UnsafeStateFile as err:
+            raise ConfigError(f"{err}. If you did not put it there, the run folder was tampered with: delete {folder} "
+                              "to resume from the previous state, or start a new run") from None
         except Exception as err:  # a truncated or corrupt file surfaces as any of pickle/zip/runtime errors
-            log.error("resume state %s is unreadable (%s: %s); trying the previous one", out_dir / RESUME_DIR / tag,
-                      type(err).__name__, str(err)[:200])
+            log.error("resume state %s is unreadable (%s: %s); trying the previous one", folder, type(err).__name__,
+                      str(err)[:200])
             continue
-        restore_rng(out_dir / RESUME_DIR / tag, rank)
+        restore_rng(rng)
         progress = client_state["progress"]
         log.info("resumed from %s at step %d (epoch %d)", tag, progress["step"], progress["epoch"])
         return progress
@@ -494,12 +512,20 @@ def save_rng(folder: Path, rank: int) -> None:
     torch.save(state, folder / f"rng_rank{rank}.pt")
 
 
-def restore_rng(folder: Path, rank: int) -> None:
+def read_rng(folder: Path, rank: int) -> dict | None:
     path = folder / f"rng_rank{rank}.pt"
     if not path.is_file():
         log.warning("%s missing: dropout masks after resuming will differ from an uninterrupted run", path)
+        return None
+    state = load_state_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise ValueError(f"{path} holds no CPU RNG state")
+    return state
+
+
+def restore_rng(state: dict | None) -> None:
+    if state is None:
         return
-    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
