@@ -242,6 +242,8 @@ class TrainConfig:
     their held-out captions). Off by default: two more passes over the test split."""
     resume: bool = False
     """Continue from the newest resumable state in output_dir."""
+    overwrite: bool = False
+    """A new run into an output_dir holding another run's files: delete those files first (without it, refused)."""
     num_workers: int = 0
     log_every_steps: int = 1
     answer_logits_only: bool = True

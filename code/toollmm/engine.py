@@ -161,10 +161,29 @@ def mark_complete(out_dir: Path, tag: str) -> None:
     os.replace(tmp, folder / COMPLETE)
 
 
+STATE_NAME = re.compile(r"step_(\d+)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+"""The only folder names training writes (and so prunes); ``checkpoint-best`` and the like are left alone."""
+
+
+def numbered(folder: Path, pattern: re.Pattern, suffix: str = "") -> list[tuple[int, Path]]:
+    """(step, path) of the sub-folders named exactly ``pattern`` + ``suffix``, by step."""
+    found = []
+    for path in folder.glob("*") if folder.is_dir() else []:
+        match = pattern.fullmatch(path.name[: len(path.name) - len(suffix)]) if path.name.endswith(suffix) else None
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def resume_tags(out_dir: Path) -> list[str]:
     """Complete resume states, newest first (a state cut short by a kill has no marker)."""
-    folders = [p for p in (out_dir / RESUME_DIR).glob("step_*") if (p / COMPLETE).is_file()]
-    return [p.name for p in sorted(folders, key=lambda p: int(p.name.split("_")[1]), reverse=True)]
+    return [p.name for _, p in reversed(numbered(out_dir / RESUME_DIR, STATE_NAME)) if (p / COMPLETE).is_file()]
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first (a ``.partial`` one is cut short)."""
+    return [p for _, p in numbered(out_dir, CHECKPOINT_NAME)]
 
 
 def latest_resume_tag(out_dir: Path) -> str | None:

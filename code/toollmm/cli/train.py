@@ -40,7 +40,10 @@ from toollmm.data.split import training_pairs
 from toollmm.data.stages import caption_items, instruction_items
 from toollmm.data.toolmmbench import DataReport
 from toollmm.engine import (
+    CHECKPOINT_NAME,
+    COMPLETE,
     RESUME_DIR,
+    STATE_NAME,
     MetricLogger,
     StepProfiler,
     Stopwatch,
@@ -50,7 +53,9 @@ from toollmm.engine import (
     latest_resume_tag,
     load_resume_state,
     load_state_file,
+    checkpoints,
     mark_complete,
+    numbered,
     planned_steps,
     resume_tags,
 )
@@ -61,6 +66,8 @@ from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
 log = logging.getLogger("toollmm.train")
+
+HELD_OUT_FILE = "held_out.json"
 
 
 def parse_args(argv):
@@ -91,14 +98,7 @@ def train(argv: list[str] | None = None) -> Path:
     config = load_config(args.stage, args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     check_paths(config)
     out_dir = resolve_path(config.train.output_dir)
-    resume_tag = latest_resume_tag(out_dir)
-    if config.train.resume and resume_tag is None:
-        raise ConfigError(f"--resume given but {out_dir / RESUME_DIR} holds no training state; drop --resume to start fresh")
-    if not config.train.resume and resume_tag is not None:
-        raise ConfigError(
-            f"{out_dir} already holds a run (state {resume_tag}). Pass --resume to continue it, "
-            "or set train.output_dir to a new folder."
-        )
+    earlier_run = check_output_dir(out_dir, config)
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed()
     check_training_device(config, device.type)
@@ -108,6 +108,8 @@ def train(argv: list[str] | None = None) -> Path:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(config.train.seed + rank)
     if is_main:
+        for path in earlier_run:  # train.overwrite=true: the earlier run's files only
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = hold_run_lock(out_dir)  # noqa: F841 (held until the process ends, however it ends)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -228,6 +230,8 @@ def train(argv: list[str] | None = None) -> Path:
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite_skipped": 0}
     if config.train.resume:
         progress.update(resume(engine, out_dir, rank))
+        if is_main:
+            drop_after(out_dir, progress["step"])
 
     # ---- loop
     metrics = MetricLogger(out_dir, enabled=is_main, after_step=progress["step"])
@@ -236,6 +240,10 @@ def train(argv: list[str] | None = None) -> Path:
     # loss sum, token-accuracy sum, micro-batches, then (MSE sum, runs batches) per output modality
     window = torch.zeros(3 + 2 * len(OUTPUT_MODALITIES), device=device)
     done = progress["step"] >= total_steps
+    # An epoch can end between optimizer steps (DeepSpeed's accumulation runs on across epochs);
+    # its save then waits for the next step, when no gradient is half-accumulated: a state saved
+    # with an accumulation tail would resume without it.
+    save_due = False
     nonfinite_in_a_row = 0
     profiler = StepProfiler(out_dir, config.train.profile_steps, enabled=is_main)
     for epoch in range(progress["epoch"], config.train.epochs):
@@ -306,14 +314,19 @@ def train(argv: list[str] | None = None) -> Path:
             out_of_time = config.train.max_time_s and clock.elapsed() > config.train.max_time_s
             done = progress["step"] >= total_steps or bool(out_of_time)
             every = config.train.save_every_steps
-            if done or (every and progress["step"] % every == 0):
+            if done or save_due or (every and progress["step"] % every == 0):
                 save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+                save_due = False
             if done:
                 break
         else:
             progress.update(epoch=epoch + 1, batches_in_epoch=0)
-            if not config.train.save_every_steps:
+            save_due = not config.train.save_every_steps
+            if save_due and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
                 save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+                save_due = False
+    if save_due:  # the last epoch ended with an accumulation tail: no step follows to take it
+        save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
     bar.close()
     metrics.close()
     if len(test_set):
@@ -334,6 +347,46 @@ def train(argv: list[str] | None = None) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return final
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "data_report.json", HELD_OUT_FILE, "final", RESUME_DIR, "tensorboard",
+             "profile.txt", "profile_trace.json")
+"""What a run writes into its output_dir besides its numbered checkpoints."""
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files and folders a training run wrote into ``out_dir`` (exact names; others are the user's)."""
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    return found + [p for _, p in numbered(out_dir, CHECKPOINT_NAME) + numbered(out_dir, CHECKPOINT_NAME, ".partial")]
+
+
+def check_output_dir(out_dir: Path, config) -> list[Path]:
+    """Refuse an output_dir that cannot hold this run, before any model loads; returns the earlier
+    run's files that ``train.overwrite`` deletes (a resumed run keeps them)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.output_dir: {out_dir} is a file, not a folder; set train.output_dir to a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot create {out_dir} ({err.strerror}); set train.output_dir to a "
+                          "writable folder") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {out_dir} is not writable; set train.output_dir to a writable folder")
+    earlier = run_files(out_dir)
+    state = latest_resume_tag(out_dir)
+    if config.train.resume:
+        if state is None:
+            raise ConfigError(f"--resume given but {out_dir / RESUME_DIR} holds no complete training state; "
+                              + ("start over with train.overwrite=true or " if earlier else "drop --resume to start fresh, or ")
+                              + "set train.output_dir to a new folder")
+        return []
+    if earlier and not config.train.overwrite:
+        held = f"state {state}" if state else ", ".join(sorted(p.name for p in earlier)[:5])
+        raise ConfigError(
+            f"{out_dir} already holds a run ({held}). Pass --resume to continue it, set train.output_dir to a "
+            "new folder, or train.overwrite=true to delete that run's files and start over."
+        )
+    return earlier
 
 
 def hold_run_lock(out_dir: Path):
@@ -379,8 +432,7 @@ def loss_scale_events(engine, config) -> dict:
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
-                   key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(out_dir)  # a ".partial" folder left by a kill is not one
     return found[-1] if found else None
 
 
@@ -415,9 +467,6 @@ def step_metrics(out: dict, device) -> torch.Tensor:
         values += [out[f"mse_{modality}"].float() if present else torch.zeros((), device=device),
                    torch.tensor(float(present), device=device)]
     return torch.stack(values)
-
-
-HELD_OUT_FILE = "held_out.json"
 
 
 def write_held_out(out_dir: Path, examples: int, figures: dict) -> None:
@@ -461,8 +510,8 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
     import deepspeed
 
     tag = f"step_{progress['step']}"
-    if (out_dir / f"checkpoint-{progress['step']}").exists():
-        return  # the end of an epoch can coincide with a periodic save
+    if (out_dir / RESUME_DIR / tag / COMPLETE).is_file():
+        return  # saved at this step already (an epoch that ended right after a save)
     # The frozen base stays out of the resume state: for a 7B model it would add 13+ GB per save.
     engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)},
                            exclude_frozen_parameters=True, save_latest=False)
@@ -472,11 +521,11 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
     # every rank enters, so they are whole for the save (a no-op without ZeRO-3 weights).
     with deepspeed.zero.GatheredParameters(checkpoint_parameters(model)):
         if is_main:
-            # Only now is the state whole on every rank: a run killed before this line resumes
-            # from the previous state.
-            mark_complete(out_dir, tag)
             save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
                             cache.root.name)
+            # Marked last: a run killed before this line resumes from the previous state, and
+            # the checkpoint folder of this step is written again, the same, when it gets here.
+            mark_complete(out_dir, tag)
             prune(out_dir, config.train.keep_last)
     dist.barrier()
 
@@ -489,19 +538,29 @@ def held_share(params) -> str:
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints and resume states."""
+    """Keep the newest ``keep_last`` checkpoints and resume states; only folders named as
+    training names them (``checkpoint-<step>``, ``resume/step_<step>``) are touched."""
     if keep_last < 1:
         return
-    checkpoints = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
-                         key=lambda p: int(p.name.split("-")[1]))
-    keep = set(checkpoints[-keep_last:])
+    found = checkpoints(out_dir)
+    keep = set(found[-keep_last:])
     keep |= {out_dir / RESUME_DIR / tag for tag in resume_tags(out_dir)[:keep_last]}
     # Everything else goes, including what a killed run left half-written: resume states without
     # their marker and ".partial" checkpoint folders.
-    stale = [p for p in (out_dir / RESUME_DIR).glob("step_*") if p.is_dir()] + list(out_dir.glob("checkpoint-*.partial"))
-    for old in checkpoints + stale:
+    stale = [p for _, p in numbered(out_dir / RESUME_DIR, STATE_NAME) + numbered(out_dir, CHECKPOINT_NAME, ".partial")]
+    for old in found + stale:
         if old not in keep:
             shutil.rmtree(old)
+
+
+def drop_after(out_dir: Path, step: int) -> None:
+    """Checkpoints and resume states past the state a run resumes from (written before a kill,
+    or past an unreadable state): the resumed run writes them again, and left in place they
+    would be pruned as newest, or copied to final/ by a run that stops before reaching them."""
+    for later, path in numbered(out_dir, CHECKPOINT_NAME) + numbered(out_dir / RESUME_DIR, STATE_NAME):
+        if later > step:
+            log.warning("removing %s, past the resumed step %d", path, step)
+            shutil.rmtree(path)
 
 
 def save_rng(folder: Path, rank: int) -> None:
