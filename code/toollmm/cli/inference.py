@@ -49,7 +49,7 @@ from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
-from toollmm.data.toolmmbench import DataReport
+from toollmm.data.toolmmbench import DataFileError, DataReport, read_json_rows
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
@@ -178,6 +178,17 @@ def check_beam_settings(args, settings) -> None:
                          f"use at least --num-beams {settings.top_k}")
 
 
+def check_data_file(path: Path) -> None:
+    """``--data`` is a non-empty JSON list, checked before the model loads (a file that is not
+    would otherwise give ``[]`` and exit 0)."""
+    try:
+        rows, _ = read_json_rows(path, "ToolMMBench rows")
+    except DataFileError as err:
+        raise SystemExit(f"inference: --data {err}") from None
+    if not rows:
+        raise SystemExit(f"inference: --data {path}: the list is empty, nothing to answer")
+
+
 def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
     """``--data``'s queries, or those of the checkpoint config's split (``splits``: that config's
     ``load_splits``, when the caller has read it already)."""
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
 def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.data is not None:
+        check_data_file(args.data)
     log.info("starting on %s", device)
     start = time.perf_counter()
     model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
@@ -226,6 +239,9 @@ def answer_queries(args) -> list[dict]:
         trie = AnswerTrie(tokenizer, catalogue)
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
     queries = select_queries(args, config, splits)
+    if not queries:
+        raise SystemExit(f"inference: no usable query in {args.data or args.split + ' split'} (the rows skipped "
+                         "and why are logged above)")
     if args.limit:
         queries = queries[: args.limit]
     if trie is not None:
@@ -237,8 +253,8 @@ def answer_queries(args) -> list[dict]:
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
     report = DataReport(rows=len(queries), used=len(queries))
     kept, features = featurize([q.record for q in queries], encoder, cache, report)
-    kept_ids = {r.id for r in kept}
-    queries = [q for q in queries if q.record.id in kept_ids]
+    kept_records = {id(r) for r in kept}  # by object: two rows may share an id, one decodable and one not
+    queries = [q for q in queries if id(q.record) in kept_records]
     del encoder
     if report.skipped:
         log.warning("%s", report.summary())
