@@ -101,17 +101,25 @@ def read_checkpoint_config(ckpt_dir: Path) -> tuple[RunConfig, dict]:
     return config, meta
 
 
+def non_finite(tensors) -> list[str]:
+    """Names of the (name, tensor) pairs holding a NaN or an infinity."""
+    return [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights, or a clear error when the file is truncated or corrupt."""
+    """The checkpoint's weights, or a clear error when the file is truncated, corrupt or not finite."""
     path = Path(ckpt_dir) / WEIGHTS
+    earlier = sorted(p.name for p in Path(ckpt_dir).parent.glob("checkpoint-*") if p != Path(ckpt_dir))
+    others = f" (this run also has {', '.join(earlier)})" if earlier else ""
     try:
-        return load_file(path)
+        state = load_file(path)
     except Exception as err:  # safetensors reports a cut file as a header or buffer error
-        earlier = sorted(p.name for p in Path(ckpt_dir).parent.glob("checkpoint-*") if p != Path(ckpt_dir))
-        raise ValueError(
-            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); use another checkpoint"
-            + (f" (this run also has {', '.join(earlier)})" if earlier else "") + "."
-        ) from err
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); use another checkpoint{others}.") from err
+    bad = non_finite(state.items())
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}): the weights of a "
+                         f"diverged run; use another checkpoint{others}.")
+    return state
 
 
 def load_checkpoint(

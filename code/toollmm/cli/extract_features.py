@@ -32,8 +32,9 @@ import torch
 
 from toollmm.config import ConfigError, DataConfig, DataFile, load_config, resolve_path
 from toollmm.data.split import split_by_query
-from toollmm.data.toolmmbench import MediaRef, Record, media_path, read_toolmmbench
+from toollmm.data.toolmmbench import DataFileError, MediaRef, Record, media_path, read_json_rows, read_toolmmbench
 from toollmm.features import DTYPES, FeatureCache, FrozenEncoder, default_num_workers, extract_features
+from toollmm.media import set_limits as set_media_limits
 
 log = logging.getLogger("toollmm.extract_features")
 
@@ -163,9 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
 def setup(args) -> tuple:
     """Config, the media files it names and the device; every problem is a ConfigError, before any model is built."""
     config = load_config(args.stage, args.config, args.overrides)
+    set_media_limits(config.data.media_limits)
     if args.data is not None:
         if not args.data.is_file():
             raise ConfigError(f"--data {args.data} does not exist")
+        try:
+            read_json_rows(args.data, "ToolMMBench rows")
+        except DataFileError as err:
+            raise ConfigError(f"--data {err}") from None
         media_root = args.media_root or args.data.parent
         config.data.train_files = [DataFile(str(args.data.resolve()), str(Path(media_root).resolve()))]
         config.data.eval_files = []

@@ -32,6 +32,7 @@ always the most probable answer). Constrained responses are written as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -45,6 +46,7 @@ import torch
 
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
+from toollmm.media import set_limits as set_media_limits
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
@@ -141,9 +143,10 @@ def answer_prompts(args) -> list[dict]:
             parsed.append(parse_prompt(prompt, args.media_root))
         except ValueError as err:
             raise SystemExit(f"prompt {prompt!r}: {err}") from err
-    assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
-                          steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
-                          llm_path=args.llm_path)
+    with checkpoint_errors():
+        assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
+                              steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
+                              llm_path=args.llm_path)
     settings = assistant.config.inference
     for name in ("batch_size", "temperature", "top_p", "top_k_method"):
         if getattr(args, name) is not None:
@@ -176,6 +179,15 @@ def check_beam_settings(args, settings) -> None:
     if args.num_beams is not None and args.num_beams < settings.top_k:
         raise SystemExit(f"--num-beams {args.num_beams} cannot return {settings.top_k} tools: "
                          f"use at least --num-beams {settings.top_k}")
+
+
+@contextlib.contextmanager
+def checkpoint_errors():
+    """A checkpoint that is missing, corrupt, not finite or made for another base: one line, exit 1."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"inference: {err}") from None
 
 
 def check_data_file(path: Path) -> None:
@@ -220,9 +232,11 @@ def answer_queries(args) -> list[dict]:
         check_data_file(args.data)
     log.info("starting on %s", device)
     start = time.perf_counter()
-    model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
+    with checkpoint_errors():
+        model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     start = time.perf_counter()
+    set_media_limits(config.data.media_limits)
     settings = config.inference
     for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method", "cache",
                  "compile", "max_batch_tokens"):

@@ -24,7 +24,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from toollmm.checkpoint import load_initial_weights, save_checkpoint
+from toollmm.checkpoint import load_initial_weights, non_finite, save_checkpoint
 from toollmm.config import (
     OUTPUT_MODALITIES,
     ConfigError,
@@ -60,6 +60,7 @@ from toollmm.engine import (
     resume_tags,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
+from toollmm.media import set_limits as set_media_limits
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
 from toollmm.prompts import IGNORE_INDEX
 from toollmm.signal_tokens import add_signal_tokens
@@ -97,6 +98,7 @@ def train(argv: list[str] | None = None) -> Path:
     # ---- setup: everything that can be wrong in the config fails here, before any model is built
     config = load_config(args.stage, args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     check_paths(config)
+    set_media_limits(config.data.media_limits)
     out_dir = resolve_path(config.train.output_dir)
     earlier_run = check_output_dir(out_dir, config)
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -244,6 +246,9 @@ def train(argv: list[str] | None = None) -> Path:
     # its save then waits for the next step, when no gradient is half-accumulated: a state saved
     # with an accumulation tail would resume without it.
     save_due = False
+    # The newest checkpoint whose weights then gave a finite loss, and the newest one not yet
+    # tried: finite weights can still be too large (|w| ~ 1e9 after a huge step) to give one.
+    trusted, untried = None, (last_checkpoint(out_dir) if config.train.resume else None)
     nonfinite_in_a_row = 0
     profiler = StepProfiler(out_dir, config.train.profile_steps, enabled=is_main)
     for epoch in range(progress["epoch"], config.train.epochs):
@@ -261,7 +266,10 @@ def train(argv: list[str] | None = None) -> Path:
             if config.train.checkpoint_above_tokens and not config.train.gradient_checkpointing:
                 model.set_activation_checkpointing(batch["input_ids"].numel() > config.train.checkpoint_above_tokens)
             out = engine(**batch)
-            if not all_finite(out["loss"]):
+            finite = all_finite(out["loss"])
+            if finite and untried is not None:
+                trusted, untried = untried, None
+            if not finite:
                 # Skipped on every rank alike: no backward, no optimizer step, the data moves on.
                 progress["batches_in_epoch"] = index + 1
                 progress["nonfinite_skipped"] += 1
@@ -271,9 +279,8 @@ def train(argv: list[str] | None = None) -> Path:
                 if nonfinite_in_a_row >= config.train.max_nonfinite_in_a_row:
                     raise TrainingDiverged(
                         f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_a_row="
-                        f"{config.train.max_nonfinite_in_a_row}): stopped. The last checkpoint, "
-                        f"{last_checkpoint(out_dir) or 'none yet'}, holds the weights from before; lower the learning rate "
-                        "(train.learning_rate), check the data rows named above, then --resume or start from it."
+                        f"{config.train.max_nonfinite_in_a_row}): stopped. {trusted_checkpoint(trusted, untried)}; lower "
+                        "the learning rate (train.learning_rate) and check the data rows named above."
                     )
                 continue
             nonfinite_in_a_row = 0
@@ -315,7 +322,7 @@ def train(argv: list[str] | None = None) -> Path:
             done = progress["step"] >= total_steps or bool(out_of_time)
             every = config.train.save_every_steps
             if done or save_due or (every and progress["step"] % every == 0):
-                save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+                untried = save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted) or untried
                 save_due = False
             if done:
                 break
@@ -323,10 +330,10 @@ def train(argv: list[str] | None = None) -> Path:
             progress.update(epoch=epoch + 1, batches_in_epoch=0)
             save_due = not config.train.save_every_steps
             if save_due and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
-                save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+                untried = save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted) or untried
                 save_due = False
     if save_due:  # the last epoch ended with an accumulation tail: no step follows to take it
-        save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+        save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted)
     bar.close()
     metrics.close()
     if len(test_set):
@@ -505,13 +512,26 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     return {key: round(sums[key] / counts[key], 6) for key in sums if counts[key]}
 
 
-def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool) -> None:
-    """Resumable DeepSpeed state (all ranks) + a self-describing checkpoint (rank 0)."""
+def trusted_checkpoint(trusted: Path | None, untried: Path | None) -> str:
+    """Which checkpoint to go back to after a divergence, in words."""
+    later = f" ({untried.name}, written since, gave no finite loss yet)" if untried is not None else ""
+    if trusted is None:
+        return f"No checkpoint of this run is known to give a finite loss{later}: start again"
+    return f"The last checkpoint whose weights gave a finite loss is {trusted}{later}: start from it (train.init_from)"
+
+
+def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool, trusted: Path | None) -> Path | None:
+    """Resumable DeepSpeed state (all ranks) + a self-describing checkpoint (rank 0); returns the
+    checkpoint folder, or None when this step was saved already. Weights that are not finite
+    are not written: the run stops, naming the checkpoint to go back to."""
     import deepspeed
 
     tag = f"step_{progress['step']}"
     if (out_dir / RESUME_DIR / tag / COMPLETE).is_file():
-        return  # saved at this step already (an epoch that ended right after a save)
+        return None  # saved at this step already (an epoch that ended right after a save)
+    if not weights_finite(model):
+        raise TrainingDiverged(f"the weights after step {progress['step']} hold NaN or infinite values: not saved, "
+                               f"stopped. {trusted_checkpoint(trusted, None)}; lower the learning rate (train.learning_rate).")
     # The frozen base stays out of the resume state: for a 7B model it would add 13+ GB per save.
     engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)},
                            exclude_frozen_parameters=True, save_latest=False)
@@ -528,6 +548,15 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
             mark_complete(out_dir, tag)
             prune(out_dir, config.train.keep_last)
     dist.barrier()
+    return out_dir / f"checkpoint-{progress['step']}"
+
+
+def weights_finite(model) -> bool:
+    """Whether every trainable weight is finite on every rank (each checks the shard it holds)."""
+    held = [(n, getattr(p, "ds_tensor", p)) for n, p in model.named_parameters() if p.requires_grad]
+    finite = torch.tensor([0.0 if non_finite(held) else 1.0], device=held[0][1].device if held else "cpu")
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def held_share(params) -> str:
