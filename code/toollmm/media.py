@@ -119,7 +119,10 @@ def load_image(path: str | os.PathLike) -> Tensor:
             rgb = img.convert("RGB")  # forces the decode while the file is open
     except MediaError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own bound, 2 × 89.5 M pixels, checked at open
+        raise MediaError(path, f"image is over data.media_limits.max_image_pixels={LIMITS.max_image_pixels} ({err}); "
+                               "shrink it") from None
+    except (OSError, ValueError) as err:
         raise MediaError(path, f"not a readable image ({err}); re-encode it as JPEG/PNG or drop the row") from err
     return _image_transform()(rgb)
 

@@ -99,11 +99,11 @@ def train(argv: list[str] | None = None) -> Path:
     config = load_config(args.stage, args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     check_paths(config)
     set_media_limits(config.data.media_limits)
+    check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
+    check_training_device(config, "cuda" if torch.cuda.is_available() else "cpu")  # the device init_distributed picks
     out_dir = resolve_path(config.train.output_dir)
     earlier_run = check_output_dir(out_dir, config)
-    check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed()
-    check_training_device(config, device.type)
     avoid_cudnn_attention(device)
     is_main = rank == 0
     if not is_main:
