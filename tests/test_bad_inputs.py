@@ -17,6 +17,14 @@ from test_reliability import png_header, row
 MEDIA = DATA / "assets"
 
 
+@pytest.fixture(autouse=True)
+def no_training(monkeypatch):
+    """A case that passed validation would go on to train: it fails here instead."""
+    from toollmm.cli import train
+
+    monkeypatch.setattr(train, "init_distributed", lambda: pytest.fail("passed validation and reached the model"))
+
+
 def exit_of(main, argv: list[str], capsys) -> tuple[int, str]:
     """(exit status, message) of an entry point that must stop: SystemExit("text") exits 1 with
     the text, argparse exits 2 with its message on stderr."""
@@ -226,3 +234,172 @@ def test_media_past_a_limit_is_refused_before_decoding(tmp_path, case):
     finally:
         media.set_limits(MediaLimits())
     assert str(refused.value).startswith(f"{path}: ") and expected in str(refused.value), str(refused.value)
+
+
+# --------------------------------------------------------------------------- training config and output folder
+
+TRAIN_CASES = {
+    "log_every_steps_0": (["train.log_every_steps=0"], "train.log_every_steps must be at least 1, got 0"),
+    "max_steps_negative": (["train.max_steps=-1"], "train.max_steps must be at least 0, got -1"),
+    "seed_negative": (["train.seed=-1"], "train.seed must be at least 0 and at most 4294967295, got -1"),
+    "seed_past_numpy": (["train.seed=4294967296"], "train.seed must be at least 0 and at most 4294967295, got 4294967296"),
+    "split_seed_negative": (["data.split.seed=-3"], "data.split.seed must be at least 0 and at most 4294967295, got -3"),
+    "max_tgt_len_negative": (["data.max_tgt_len=-5"], "data.max_tgt_len must be at least 1, got -5"),
+    "max_tgt_len_0": (["data.max_tgt_len=0"], "data.max_tgt_len must be at least 1, got 0"),
+    "max_time_negative": (["train.max_time_s=-1"], "train.max_time_s must be at least 0, got -1.0"),
+    "max_time_inf": (["train.max_time_s=.inf"], "train.max_time_s must be at least 0, got inf (not finite)"),
+    "lr_inf": (["train.learning_rate=.inf"], "train.learning_rate must be above 0, got inf (not finite)"),
+    "lr_nan": (["train.learning_rate=.nan"], "train.learning_rate must be above 0, got nan (not finite)"),
+    "lr_negative": (["train.learning_rate=-0.001"], "train.learning_rate must be above 0, got -0.001"),
+    "lr_zero": (["train.learning_rate=0"], "train.learning_rate must be above 0, got 0.0"),
+    "lr_word": (["train.learning_rate=fast"], "train.learning_rate: expected float, got 'fast'"),
+    "lr_list": (["train.learning_rate=[1]"], "train.learning_rate: expected float, got [1]"),
+    "lora_dropout_1.5": (["model.lora.dropout=1.5"], "model.lora.dropout must be at least 0 and at most 1, got 1.5"),
+    "lora_dropout_negative": (["model.lora.dropout=-0.1"], "model.lora.dropout must be at least 0 and at most 1, got -0.1"),
+    "lora_alpha_0": (["model.lora.alpha=0"], "model.lora.alpha must be above 0, got 0"),
+    "lora_r_0": (["model.lora.r=0"], "model.lora.r must be at least 1, got 0"),
+    "lora_unknown_target": (["model.tuning=lora", "model.lora.target_modules=[q_proj,qkv]"],
+                            "model.lora.target_modules: ['qkv'] are not linear layers of"),
+    "lora_no_target": (["model.tuning=lora", "model.lora.target_modules=[]"], "model.lora.target_modules is empty"),
+    "attention_unknown": (["model.attn_implementation=magic"], "model.attn_implementation: 'magic' is not one of"),
+    "flex_attention_cpu": (["model.attn_implementation=flex_attention"], "model.attn_implementation=flex_attention trains on CUDA only"),
+    "fp16_cpu": (["model.dtype=fp16"], "model.dtype=fp16 trains on CUDA only"),
+    "dtype_unknown": (["model.dtype=fp64"], "model.dtype: 'fp64' is not one of ['bf16', 'fp16', 'fp32']"),
+    "tuning_unknown": (["model.tuning=half"], "model.tuning: 'half' is not one of ['lora', 'full']"),
+    "num_workers_negative": (["train.num_workers=-1"], "train.num_workers must be at least 0, got -1"),
+    "micro_batch_0": (["train.micro_batch_size=0"], "train.micro_batch_size must be at least 1, got 0"),
+    "accumulation_0": (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps must be at least 1, got 0"),
+    "epochs_0": (["train.epochs=0"], "train.epochs must be at least 1, got 0"),
+    "epochs_word": (["train.epochs=many"], "train.epochs: expected int, got 'many'"),
+    "epochs_float": (["train.epochs=1.5"], "train.epochs: expected int, got 1.5"),
+    "keep_last_negative": (["train.keep_last=-1"], "train.keep_last must be at least 0, got -1"),
+    "save_every_negative": (["train.save_every_steps=-2"], "train.save_every_steps must be at least 0, got -2"),
+    "warmup_1.5": (["train.warmup_rate=1.5"], "train.warmup_rate must be at least 0 and at most 1, got 1.5"),
+    "warmup_negative": (["train.warmup_rate=-0.1"], "train.warmup_rate must be at least 0 and at most 1, got -0.1"),
+    "nonfinite_limit_0": (["train.max_nonfinite_in_a_row=0"], "train.max_nonfinite_in_a_row must be at least 1, got 0"),
+    "pack_length_0": (["train.pack_length=0"], "train.pack_length must be at least 1, got 0"),
+    "profile_negative": (["train.profile_steps=-1"], "train.profile_steps must be at least 0, got -1"),
+    "checkpoint_above_negative": (["train.checkpoint_above_tokens=-1"], "train.checkpoint_above_tokens must be at least 0, got -1"),
+    "length_groups_0": (["train.length_group_batches=0"], "train.length_group_batches must be at least 1, got 0"),
+    "zero_stage_4": (["train.zero_stage=4"], "train.zero_stage must be 1, 2 or 3"),
+    "batch_arithmetic": (["train.train_batch_size=7"], "train.train_batch_size=7 but micro_batch_size (16)"),
+    "train_batch_0": (["train.train_batch_size=0"], "train.train_batch_size must be at least 1, got 0"),
+    "top_p_0": (["inference.top_p=0"], "inference.top_p must be above 0 and at most 1, got 0.0"),
+    "top_p_1.5": (["inference.top_p=1.5"], "inference.top_p must be above 0 and at most 1, got 1.5"),
+    "temperature_negative": (["inference.temperature=-1"], "inference.temperature must be at least 0, got -1.0"),
+    "inference_batch_0": (["inference.batch_size=0"], "inference.batch_size must be at least 1, got 0"),
+    "max_new_tokens_0": (["inference.max_new_tokens=0"], "inference.max_new_tokens must be at least 1, got 0"),
+    "top_k_0": (["inference.top_k=0"], "inference.top_k must be at least 1, got 0"),
+    "max_batch_tokens_0": (["inference.max_batch_tokens=0"], "inference.max_batch_tokens must be at least 1 (or null: no cap), got 0"),
+    "test_fraction_1": (["data.split.test_fraction=1.0"], "data.split.test_fraction must be in [0, 1), got 1.0"),
+    "test_fraction_negative": (["data.split.test_fraction=-0.1"], "data.split.test_fraction must be in [0, 1), got -0.1"),
+    "audio_seconds_0": (["data.media_limits.max_audio_seconds=0"], "data.media_limits.max_audio_seconds must be above 0, got 0.0"),
+    "image_pixels_0": (["data.media_limits.max_image_pixels=0"], "data.media_limits.max_image_pixels must be at least 1, got 0"),
+    "missing_media_unknown": (["data.missing_media=sometimes"], "data.missing_media: 'sometimes' is not one of"),
+    "unknown_key": (["train.epochz=1"], "unknown config key train.epochz; allowed here:"),
+    "unknown_section": (["trian.epochs=1"], "unknown config key trian; allowed here:"),
+    "override_without_equals": (["train.epochs"], "override 'train.epochs' must look like key.subkey=value"),
+    "held_out_without_test": (["train.held_out_tools=true", "data.eval_files=[]", "data.split.test_fraction=0"],
+                              "train.held_out_tools measures the test split's tool rows in stage 3"),
+    "llm_missing": (["model.llm_path=/nonexistent/llm"], "model.llm_path: /nonexistent/llm has no config.json"),
+    "imagebind_missing": (["model.imagebind_path=/nonexistent/ib.pth"], "model.imagebind_path: /nonexistent/ib.pth does not exist"),
+    "train_file_missing": (["data.train_files=[{path: /nonexistent/rows.json, media_root: /tmp}]"],
+                           "data.train_files[0].path: /nonexistent/rows.json does not exist"),
+    "init_from_missing": (["train.init_from=/nonexistent/checkpoint-3"], "train.init_from: /nonexistent/checkpoint-3 does not exist"),
+    "deepspeed_missing": (["train.deepspeed_config=nonexistent.json"], "train.deepspeed_config: nonexistent.json not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_training_refuses_a_bad_config_before_any_model(tiny_default, tmp_path, capsys, case):
+    from toollmm.cli import train
+
+    overrides, expected = TRAIN_CASES[case]
+    status, message = exit_of(train.main, ["--stage", "3", "--config", str(TINY_CONFIG),
+                                           f"train.output_dir={tmp_path / 'run'}", *overrides], capsys)
+    assert status == 1 and message.startswith("train: ") and expected in message, message
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+DS_FILES = {
+    "not_json": (b'{"optimizer": ', "is not readable JSON (Expecting value"),
+    "a_list": (b"[1, 2]", "needs an object with 'optimizer.params' and 'zero_optimization'"),
+    "no_optimizer": (b'{"zero_optimization": {"stage": 2}}', "needs an object with 'optimizer.params'"),
+    "not_utf8": (b'{"a": "\xff"}', "is not readable JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DS_FILES))
+def test_a_malformed_deepspeed_config_is_named(tiny_default, tmp_path, capsys, case):
+    from toollmm.cli import train
+
+    content, expected = DS_FILES[case]
+    ds = tmp_path / "ds.json"
+    ds.write_bytes(content)
+    status, message = exit_of(train.main, ["--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp_path / 'run'}",
+                                           f"train.deepspeed_config={ds}"], capsys)
+    assert status == 1 and message.startswith(f"train: train.deepspeed_config: {ds} ") and expected in message
+
+
+def earlier_run(folder: Path, *names: str) -> None:
+    for name in names:
+        target = folder / name
+        if name.endswith((".json", ".jsonl", ".yaml", ".pt", "complete")):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}")
+        else:
+            target.mkdir(parents=True)
+
+
+OUTPUT_CASES = {
+    "a_file": (lambda d: d.parent.joinpath("run").write_text("x"), [], "train.output_dir: {run} is a file, not a folder"),
+    "under_a_file": (lambda d: d.parent.joinpath("blocker").write_text("x"), ["output=blocker/run"],
+                     "train.output_dir: cannot create {root}/blocker/run (Not a directory)"),
+    "finished_run": (lambda d: earlier_run(d, "config.yaml", "metrics.jsonl", "checkpoint-6", "final", "resume/step_6/complete"), [],
+                     "{run} already holds a run (state step_6). Pass --resume to continue it"),
+    "checkpoints_only": (lambda d: earlier_run(d, "checkpoint-3"), [], "{run} already holds a run (checkpoint-3)."),
+    "killed_before_a_state": (lambda d: earlier_run(d, "config.yaml", "data_report.json"), [],
+                              "{run} already holds a run (config.yaml, data_report.json)."),
+    "resume_nothing": (lambda d: None, ["--resume"], "--resume given but {run}/resume holds no complete training state; "
+                                                      "drop --resume to start fresh"),
+    "resume_no_state": (lambda d: earlier_run(d, "config.yaml", "resume/step_2/mp_rank_00_model_states.pt"), ["--resume"],
+                        "holds no complete training state; start over with train.overwrite=true or set train.output_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_an_output_folder_that_cannot_take_this_run_is_refused(tiny_default, tmp_path, capsys, case):
+    from toollmm.cli import train
+
+    prepare, extra, expected = OUTPUT_CASES[case]
+    run = tmp_path / "run"
+    if case not in ("a_file", "under_a_file"):
+        run.mkdir()
+    prepare(run)
+    target = tmp_path / extra[0].split("=", 1)[1] if extra[:1] and extra[0].startswith("output=") else run
+    args = [a for a in extra if not a.startswith("output=")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    status, message = exit_of(train.main, ["--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={target}", *args], capsys)
+    assert status == 1 and expected.format(run=run, root=tmp_path) in message, message
+    assert "train.overwrite=true" in message or case in ("a_file", "under_a_file", "resume_nothing")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing written
+
+
+def test_pruning_touches_only_the_folders_training_names(tmp_path):
+    from toollmm.cli.train import last_checkpoint, prune, run_files
+    from toollmm.engine import mark_complete, resume_tags
+
+    user = ["checkpoint-6-backup", "checkpoint-best", "checkpoint-", "checkpoint-x7", "notes", "resume/step_best",
+            "resume/step_3_old", "checkpoint-2.partial.bak"]
+    ours = ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8.partial", "resume/step_2", "resume/step_4",
+            "resume/step_6", "resume/step_8"]
+    for name in user + ours:
+        (tmp_path / name).mkdir(parents=True)
+    for step in (2, 4, 6):
+        mark_complete(tmp_path, f"step_{step}")
+    assert resume_tags(tmp_path) == ["step_6", "step_4", "step_2"]
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    prune(tmp_path, keep_last=2)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_dir())
+    assert left == sorted(user + ["checkpoint-4", "checkpoint-6", "resume", "resume/step_4", "resume/step_6"])
+    assert sorted(p.name for p in run_files(tmp_path)) == ["checkpoint-4", "checkpoint-6", "resume"]

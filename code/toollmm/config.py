@@ -475,7 +475,7 @@ RANGES = {
     "data.media_limits.max_audio_channels": (1, None, True), "data.media_limits.max_audio_seconds": (0, None, False),
     "data.media_limits.max_image_pixels": (1, None, True), "data.media_limits.max_video_frames": (1, None, True),
     "data.media_limits.max_video_seconds": (0, None, False),
-    "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
+    "model.lora.r": (1, None, True), "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
     "inference.batch_size": (1, None, True), "inference.max_new_tokens": (1, None, True),
     "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
 }
@@ -515,8 +515,6 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
     if config.inference.max_batch_tokens is not None and config.inference.max_batch_tokens < 1:
         raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
-    if config.model.tuning == "lora" and config.model.lora.r < 1:
-        raise ConfigError("model.lora.r must be at least 1")
     if t.held_out_tools and not (t.stage == 3 and config.data.train_files
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
