@@ -403,3 +403,39 @@ def test_pruning_touches_only_the_folders_training_names(tmp_path):
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_dir())
     assert left == sorted(user + ["checkpoint-4", "checkpoint-6", "resume", "resume/step_4", "resume/step_6"])
     assert sorted(p.name for p in run_files(tmp_path)) == ["checkpoint-4", "checkpoint-6", "resume"]
+
+
+def test_overwrite_deletes_only_the_earlier_runs_files(tiny_default, tmp_path):
+    from toollmm.cli.train import check_output_dir
+    from toollmm.config import load_config
+
+    run = tmp_path / "run"
+    earlier_run(run, "config.yaml", "metrics.jsonl", "held_out.json", "checkpoint-4", "checkpoint-6.partial", "final",
+                "resume/step_4/complete", "tensorboard", "checkpoint-best", "my_notes.json")
+    config = load_config(3, [TINY_CONFIG], [f"train.output_dir={run}", "train.overwrite=true"])
+    names = sorted(p.name for p in check_output_dir(run, config))
+    assert names == ["checkpoint-4", "checkpoint-6.partial", "config.yaml", "final", "held_out.json", "metrics.jsonl",
+                     "resume", "tensorboard"]  # checkpoint-best and my_notes.json stay
+
+
+def test_non_finite_checkpoint_weights_are_refused_on_load(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from toollmm.checkpoint import read_weights
+    from toollmm.cli import inference
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ckpt = tmp_path / "checkpoint-4"
+    save_file({"input_projector.weight": torch.tensor([[1.0, float("nan")]]), "input_projector.bias": torch.zeros(1)},
+              ckpt / "trainable.safetensors")
+    with pytest.raises(ValueError) as refused:
+        read_weights(ckpt)
+    assert str(refused.value) == (f"{ckpt}/trainable.safetensors: 1 tensors hold NaN or infinite values (e.g. "
+                                  "input_projector.weight): the weights of a diverged run; use another checkpoint "
+                                  "(this run also has checkpoint-2).")
+    for name in ("config.yaml", "checkpoint.json"):
+        (ckpt / name).write_text("{}")
+    status, message = exit_of(inference.main, ["--ckpt", str(ckpt), "--prompt", "hello", "--output", str(tmp_path / "o.json")], capsys)
+    assert (status, message) == (1, f"inference: {refused.value}")

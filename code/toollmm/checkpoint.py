@@ -135,9 +135,9 @@ def load_checkpoint(
         # tokens); answering runs padded prompts and a KV cache, where SDPA's kernels serve, and
         # FlexAttention has no CPU backward. Same weights, same maths (tests/test_packing.py).
         config.model.attn_implementation = "sdpa"
+    state = read_weights(ckpt_dir)  # first: a cut or non-finite file stops before anything is built
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
-    state = read_weights(ckpt_dir)
     encoder_dim = state["input_projector.weight"].shape[1]
     model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal, device=device)
     check_compatible(meta, model, config, ckpt_dir)
