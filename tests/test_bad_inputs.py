@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import DATA, TINY_CONFIG
@@ -439,3 +440,26 @@ def test_non_finite_checkpoint_weights_are_refused_on_load(tmp_path, capsys):
         (ckpt / name).write_text("{}")
     status, message = exit_of(inference.main, ["--ckpt", str(ckpt), "--prompt", "hello", "--output", str(tmp_path / "o.json")], capsys)
     assert (status, message) == (1, f"inference: {refused.value}")
+
+
+CACHE_ENTRIES = {
+    "nan": (lambda: torch.full((8,), float("nan")), "has shape [8] (expected [8]) and non-finite values; recomputing it"),
+    "two_dimensions": (lambda: torch.zeros(2, 8), "has shape [2, 8] (expected [8]); recomputing it"),
+    "wrong_length": (lambda: torch.zeros(5), "has shape [5] (expected [8]); recomputing it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_ENTRIES))
+def test_a_bad_feature_cache_entry_is_recomputed(tmp_path, caplog, case):
+    from toollmm.data.toolmmbench import MediaRef
+    from toollmm.features import FeatureCache
+
+    media = tmp_path / "a.wav"
+    media.write_bytes(b"audio bytes")
+    ref = MediaRef("audio", media)
+    cache = FeatureCache(tmp_path / "cache", "encoder", dim=8)
+    cache.store(ref, torch.ones(8))
+    assert torch.equal(cache.load(ref), torch.ones(8))
+    make, expected = CACHE_ENTRIES[case]
+    cache.store(ref, make())
+    assert cache.load(ref) is None and expected in caplog.text

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     found = [r for r in refs if r.path.is_file()]
     missing = [r for r in refs if not r.path.is_file()]
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device, DTYPES[args.dtype])
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     start = time.perf_counter()
     result = extract_features(found, encoder, cache, batch_size=args.batch_size, num_workers=num_workers,

@@ -264,7 +264,7 @@ def answer_queries(args) -> list[dict]:
             log.warning("%d of %d queries accept only tools outside the catalogue: constrained and top-k answers "
                         "cannot be right for them (pass --catalogue to use another list)", unreachable, len(queries))
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     report = DataReport(rows=len(queries), used=len(queries))
     kept, features = featurize([q.record for q in queries], encoder, cache, report)
     kept_records = {id(r) for r in kept}  # by object: two rows may share an id, one decodable and one not
@@ -273,10 +273,14 @@ def answer_queries(args) -> list[dict]:
     if report.skipped:
         log.warning("%s", report.summary())
 
-    prompts = [
-        torch.tensor(build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len).input_ids)
-        for q in queries
-    ]
+    examples = [build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len) for q in queries]
+    prompts = [torch.tensor(e.input_ids) for e in examples]
+    cut = [q.record.id for q, e in zip(queries, examples) if e.truncated]
+    if cut:
+        # The prompt then ends inside the query, before "### Assistant:": the answer is a guess.
+        log.warning("%d of %d queries are longer than data.max_tgt_len=%d tokens and were cut before the answer "
+                    "prompt (e.g. %s); their answers are unreliable", len(cut), len(queries), config.data.max_tgt_len,
+                    ", ".join(map(str, cut[:3])))
     query_features = [record_feature(q.record, features) for q in queries]
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     start = time.perf_counter()

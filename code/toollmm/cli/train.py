@@ -133,7 +133,7 @@ def train(argv: list[str] | None = None) -> Path:
             if config.train.held_out_tools:
                 test_items = tool_items(training_pairs(splits.test))
         items = instruction_items(config, report)
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
     # would decode and encode every file.
     if not is_main:
