@@ -463,3 +463,37 @@ def test_a_bad_feature_cache_entry_is_recomputed(tmp_path, caplog, case):
     make, expected = CACHE_ENTRIES[case]
     cache.store(ref, make())
     assert cache.load(ref) is None and expected in caplog.text
+
+
+@pytest.mark.parametrize("base_check", ["refuse", "warn"])
+def test_a_checkpoint_on_another_base_of_the_same_shape(tiny_default, tmp_path, caplog, base_check):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import TINY_LLM
+    from toollmm.checkpoint import load_checkpoint, save_checkpoint
+    from toollmm.config import load_config
+    from toollmm.model.toollmm import build_model
+    from toollmm.tokenization import load_tokenizer
+
+    config = load_config(3, [TINY_CONFIG], ["model.tuning=lora", f"model.base_check={base_check}"])
+    model = build_model(config.model, 32)
+    ckpt = save_checkpoint(tmp_path / "checkpoint-1", model, config, load_tokenizer(TINY_LLM), {"step": 1}, "encoder")
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    assert meta["base_model"]["fingerprint"] == model.base_fingerprint and len(model.base_fingerprint) == 16
+    other = tmp_path / "other_base"  # the same architecture, one weight nudged
+    shutil.copytree(TINY_LLM, other)
+    (weights,) = other.glob("*.safetensors")
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    state[name] = state[name] * 1.01
+    save_file(state, weights, metadata={"format": "pt"})
+    load_checkpoint(ckpt)  # its own base: fine
+    if base_check == "refuse":
+        with pytest.raises(ValueError, match=r"whose weights differ from the base at .*other_base \(fingerprint [0-9a-f]{16} vs "
+                                             r"[0-9a-f]{16}\), though their shapes agree\. Pass the base it was trained on"):
+            load_checkpoint(ckpt, llm_path=str(other))
+    else:
+        load_checkpoint(ckpt, llm_path=str(other))
+        assert "loading it anyway (model.base_check=warn)" in caplog.text

@@ -47,6 +47,7 @@ def base_identity(model: ToolLMM, config: RunConfig) -> dict:
         "vocab_size": model.signal.base_vocab_size if model.signal is not None else llm_config.vocab_size,
         "hidden_size": llm_config.hidden_size,
         "num_hidden_layers": llm_config.num_hidden_layers,
+        "fingerprint": getattr(model, "base_fingerprint", None),
     }
 
 
@@ -165,7 +166,17 @@ def load_for_inference(
 def check_compatible(meta: dict, model: ToolLMM, config: RunConfig, ckpt_dir: Path) -> None:
     """The checkpoint was trained on this base, with these signal tokens and output projectors."""
     expected, actual = meta["base_model"], base_identity(model, config)
-    differences = [f"{k}: checkpoint {expected[k]} vs base {actual[k]}" for k in expected if k != "llm_path" and expected[k] != actual[k]]
+    shape = [k for k in expected if k not in ("llm_path", "fingerprint")]
+    differences = [f"{k}: checkpoint {expected[k]} vs base {actual.get(k)}" for k in shape if expected[k] != actual.get(k)]
+    if not differences and None not in (expected.get("fingerprint"), actual["fingerprint"]) \
+            and expected["fingerprint"] != actual["fingerprint"]:
+        # Same shape, other weights: a LoRA delta on another fine-tune of the base answers, wrongly.
+        message = (f"{ckpt_dir} was trained on {expected['llm_path']}, whose weights differ from the base at "
+                   f"{resolve_path(config.model.llm_path)} (fingerprint {expected['fingerprint']} vs "
+                   f"{actual['fingerprint']}), though their shapes agree")
+        if config.model.base_check == "refuse":
+            raise ValueError(message + ". Pass the base it was trained on, or set model.base_check=warn to load it anyway.")
+        log.warning("%s; loading it anyway (model.base_check=warn)", message)
     if differences:
         raise ValueError(
             f"{ckpt_dir} was trained on {expected['llm_path']}, which differs from the base at "

@@ -157,6 +157,8 @@ class ModelConfig:
     into a block mask whose skipped blocks cost nothing, where SDPA needs a dense mask and a slower
     kernel. Training only (no CPU backward): checkpoints answer with sdpa."""
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    base_check: Literal["refuse", "warn"] = "refuse"
+    """A checkpoint put on a base of the same shape whose weights differ (fingerprint in checkpoint.json): refuse or warn."""
 
 
 @dataclass
