@@ -497,3 +497,33 @@ def test_a_checkpoint_on_another_base_of_the_same_shape(tiny_default, tmp_path, 
     else:
         load_checkpoint(ckpt, llm_path=str(other))
         assert "loading it anyway (model.base_check=warn)" in caplog.text
+
+
+CONVERT_CASES = {
+    "dot_dot": ("../outside.jpg", "'../outside.jpg' resolves outside"),
+    "absolute": ("/etc/passwd", "'/etc/passwd' resolves outside"),
+    "deep_dot_dot": ("a/../../outside.jpg", "'a/../../outside.jpg' resolves outside"),
+    "link_out": ("link_out.jpg", "'link_out.jpg' resolves outside"),
+    "swapped_roles": (None, "conversation roles are ['gpt', 'human']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
+def test_convert_drops_media_outside_the_root_even_with_keep(tmp_path, case):
+    from toollmm.data.converters import Input, convert
+
+    root = tmp_path / "media"
+    root.mkdir()
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    (root / "inside.jpg").write_bytes(b"x")
+    (root / "link_out.jpg").symlink_to(tmp_path / "outside.jpg")
+    path, expected = CONVERT_CASES[case]
+    bad = row("swapped", modality="image", path="inside.jpg") if path is None else row("escape", modality="image", path=path)
+    if path is None:
+        bad["conversations"] = [{"from": "gpt", "value": "a/tool"}, {"from": "human", "value": "the request"}]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([row("kept", modality="image", path="inside.jpg"), bad]))
+    examples, report = convert("toolmmbench", [Input(data, root)], missing_media="keep")
+    assert [e.turns[0][1] for e in examples] == ["kept"]
+    kind = "malformed" if path is None else "missing_media"
+    assert report.dropped[kind] == 1 and expected in report.problem_examples[kind][0]
