@@ -113,3 +113,23 @@ def test_a_truncated_resume_file_falls_back_to_the_previous_state(saved_states, 
     target.write_bytes(target.read_bytes()[: os.path.getsize(target) // 2])
     assert resume(engine, run, 0) == {"step": 2, "epoch": 0}
     assert f"resume state {target.parent} is unreadable" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_from_the_command_line_stops_on_a_planted_pickle(tiny_default, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY_CONFIG, run_entry
+
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    args = ["--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", "model.tuning=lora",
+            "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.max_steps=2", "train.save_every_steps=1"]
+    run_entry("train.py", *args)
+    target = run / "resume" / "step_2" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Planted(marker)}, target)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "train.sh"), *args, "train.max_steps=3", "--resume"], cwd="/",
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable, "NPROC": "1"})
+    assert result.returncode != 0 and not marker.exists()
+    assert f"train: {target} holds objects other than tensors and plain data (" in result.stderr
+    assert not (run / "checkpoint-3").exists()
