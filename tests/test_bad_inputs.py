@@ -104,6 +104,12 @@ def test_empty_list_and_bom(tmp_path, capsys):
     empty.write_text("[]")
     status, message = exit_of(inference.main, ["--ckpt", str(tmp_path), "--data", str(empty), "--output", str(tmp_path / "o.json")], capsys)
     assert (status, message) == (1, f"inference: --data {empty}: the list is empty, nothing to answer")
+    broken = tmp_path / "broken_rows.json"
+    broken.write_text(json.dumps([turns(first="gpt", second="human"), {"id": 3}]))
+    status, message = exit_of(inference.main, ["--ckpt", str(tmp_path), "--data", str(broken), "--output", str(tmp_path / "o.json")], capsys)
+    assert (status, message) == (1, f"inference: --data {broken}: none of its 2 rows is usable (malformed row: broken_rows.json "
+                                    "row 0 (id None): conversation roles are ['gpt', 'human']: the query comes 'from' 'human', the tool "
+                                    "'from' 'gpt')")
     bom = tmp_path / "bom.json"  # a UTF-8 byte-order mark is read, not refused
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([row("a request"), row("another")]).encode())
     records, report = read_toolmmbench(bom, tmp_path)

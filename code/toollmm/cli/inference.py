@@ -51,7 +51,7 @@ from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
-from toollmm.data.toolmmbench import DataFileError, DataReport, read_json_rows
+from toollmm.data.toolmmbench import DataFileError, DataReport, read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
@@ -190,15 +190,18 @@ def checkpoint_errors():
         raise SystemExit(f"inference: {err}") from None
 
 
-def check_data_file(path: Path) -> None:
-    """``--data`` is a non-empty JSON list, checked before the model loads (a file that is not
-    would otherwise give ``[]`` and exit 0)."""
+def check_data_file(path: Path, media_root: Path) -> None:
+    """``--data`` holds at least one valid row, checked before the model loads (a file that does
+    not would otherwise give ``[]`` and exit 0). Missing media is judged later, by the config."""
     try:
-        rows, _ = read_json_rows(path, "ToolMMBench rows")
+        records, report = read_toolmmbench(path, media_root, "text_only")
     except DataFileError as err:
         raise SystemExit(f"inference: --data {err}") from None
-    if not rows:
+    if not report.rows:
         raise SystemExit(f"inference: --data {path}: the list is empty, nothing to answer")
+    if not records:
+        reason, examples = next(iter(report.examples.items()))
+        raise SystemExit(f"inference: --data {path}: none of its {report.rows} rows is usable ({reason}: {examples[0]})")
 
 
 def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
@@ -229,7 +232,7 @@ def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data is not None:
-        check_data_file(args.data)
+        check_data_file(args.data, args.media_root or args.data.parent)
     log.info("starting on %s", device)
     start = time.perf_counter()
     with checkpoint_errors():
