@@ -26,4 +26,15 @@ if [ "${NNODES:-1}" -gt 1 ]; then
 else
   nodes=(--standalone)
 fi
-exec "$python" -m torch.distributed.run "${nodes[@]}" --nproc_per_node "$nproc" "$root/code/train.py" "$@"
+# torchrun, with a worker's failure ending as the worker's exit status: the worker has printed
+# its one-line reason, and torchrun's own traceback of ChildFailedError would only bury it.
+exec "$python" -c '
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as err:
+    code = err.get_first_failure()[1].exitcode  # the rank that failed first; torchrun then stopped the others
+    sys.exit(code if code > 0 else 128 - code)  # a signal -N exits 128 + N, as a shell reports it
+' "${nodes[@]}" --nproc_per_node "$nproc" "$root/code/train.py" "$@"

@@ -385,12 +385,15 @@ def test_divergence_stops_with_a_clear_message_and_a_usable_checkpoint(tiny_defa
                   "train.save_every_steps=1", "train.micro_batch_size=4", "train.gradient_accumulation_steps=1",
                   "train.max_steps=200")
     message = str(failure.value)
-    assert "3 micro-batches in a row had a non-finite loss" in message and "lower the learning rate" in message
-    last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    assert str(last) in message
-    model, _, _, _ = load_checkpoint(last)
+    assert "train: 3 micro-batches in a row had a non-finite loss" in message and "lower the learning rate" in message
+    # The checkpoint named is the newest one whose weights then gave a finite loss; the one
+    # written after it (weights already blown up by the 1e6 step) is named as untried.
+    trusted = Path(message.split("The last checkpoint whose weights gave a finite loss is ", 1)[1].split(" ", 1)[0])
+    newest = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert trusted.parent == run and trusted != newest and f"({newest.name}, written since, gave no finite loss yet)" in message
+    model, _, _, _ = load_checkpoint(trusted)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    print(f"divergence stopped after {len(metrics(run))} steps; last checkpoint {last.name} loads with finite weights")
+    print(f"divergence stopped after {len(metrics(run))} steps; named {trusted.name} (finite loss), not {newest.name}")
 
 
 # --------------------------------------------------------------------------- configs

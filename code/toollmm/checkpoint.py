@@ -47,6 +47,7 @@ def base_identity(model: ToolLMM, config: RunConfig) -> dict:
         "vocab_size": model.signal.base_vocab_size if model.signal is not None else llm_config.vocab_size,
         "hidden_size": llm_config.hidden_size,
         "num_hidden_layers": llm_config.num_hidden_layers,
+        "fingerprint": getattr(model, "base_fingerprint", None),
     }
 
 
@@ -101,17 +102,25 @@ def read_checkpoint_config(ckpt_dir: Path) -> tuple[RunConfig, dict]:
     return config, meta
 
 
+def non_finite(tensors) -> list[str]:
+    """Names of the (name, tensor) pairs holding a NaN or an infinity."""
+    return [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights, or a clear error when the file is truncated or corrupt."""
+    """The checkpoint's weights, or a clear error when the file is truncated, corrupt or not finite."""
     path = Path(ckpt_dir) / WEIGHTS
+    earlier = sorted(p.name for p in Path(ckpt_dir).parent.glob("checkpoint-*") if p != Path(ckpt_dir))
+    others = f" (this run also has {', '.join(earlier)})" if earlier else ""
     try:
-        return load_file(path)
+        state = load_file(path)
     except Exception as err:  # safetensors reports a cut file as a header or buffer error
-        earlier = sorted(p.name for p in Path(ckpt_dir).parent.glob("checkpoint-*") if p != Path(ckpt_dir))
-        raise ValueError(
-            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); use another checkpoint"
-            + (f" (this run also has {', '.join(earlier)})" if earlier else "") + "."
-        ) from err
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); use another checkpoint{others}.") from err
+    bad = non_finite(state.items())
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}): the weights of a "
+                         f"diverged run; use another checkpoint{others}.")
+    return state
 
 
 def load_checkpoint(
@@ -127,9 +136,9 @@ def load_checkpoint(
         # tokens); answering runs padded prompts and a KV cache, where SDPA's kernels serve, and
         # FlexAttention has no CPU backward. Same weights, same maths (tests/test_packing.py).
         config.model.attn_implementation = "sdpa"
+    state = read_weights(ckpt_dir)  # first: a cut or non-finite file stops before anything is built
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
-    state = read_weights(ckpt_dir)
     encoder_dim = state["input_projector.weight"].shape[1]
     model = build_model(config.model, encoder_dim, dtype=dtype, stage=config.train.stage, signal=signal, device=device)
     check_compatible(meta, model, config, ckpt_dir)
@@ -157,7 +166,17 @@ def load_for_inference(
 def check_compatible(meta: dict, model: ToolLMM, config: RunConfig, ckpt_dir: Path) -> None:
     """The checkpoint was trained on this base, with these signal tokens and output projectors."""
     expected, actual = meta["base_model"], base_identity(model, config)
-    differences = [f"{k}: checkpoint {expected[k]} vs base {actual[k]}" for k in expected if k != "llm_path" and expected[k] != actual[k]]
+    shape = [k for k in expected if k not in ("llm_path", "fingerprint")]
+    differences = [f"{k}: checkpoint {expected[k]} vs base {actual.get(k)}" for k in shape if expected[k] != actual.get(k)]
+    if not differences and None not in (expected.get("fingerprint"), actual["fingerprint"]) \
+            and expected["fingerprint"] != actual["fingerprint"]:
+        # Same shape, other weights: a LoRA delta on another fine-tune of the base answers, wrongly.
+        message = (f"{ckpt_dir} was trained on {expected['llm_path']}, whose weights differ from the base at "
+                   f"{resolve_path(config.model.llm_path)} (fingerprint {expected['fingerprint']} vs "
+                   f"{actual['fingerprint']}), though their shapes agree")
+        if config.model.base_check == "refuse":
+            raise ValueError(message + ". Pass the base it was trained on, or set model.base_check=warn to load it anyway.")
+        log.warning("%s; loading it anyway (model.base_check=warn)", message)
     if differences:
         raise ValueError(
             f"{ckpt_dir} was trained on {expected['llm_path']}, which differs from the base at "

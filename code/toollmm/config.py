@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,8 @@ class ModelConfig:
     into a block mask whose skipped blocks cost nothing, where SDPA needs a dense mask and a slower
     kernel. Training only (no CPU backward): checkpoints answer with sdpa."""
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    base_check: Literal["refuse", "warn"] = "refuse"
+    """A checkpoint put on a base of the same shape whose weights differ (fingerprint in checkpoint.json): refuse or warn."""
 
 
 @dataclass
@@ -198,6 +201,22 @@ class SplitConfig:
 
 
 @dataclass
+class MediaLimits:
+    """Bounds read from a media file's header before it is decoded: a file past one is a counted
+    skip, not an allocation of gigabytes (a 444-byte WAV can claim 2**31 - 1 samples a second)."""
+
+    min_audio_sample_rate: int = 4000
+    """Hz; resampling a lower rate up to 16 kHz multiplies the samples (1 Hz: 16000 times)."""
+    max_audio_sample_rate: int = 192000
+    max_audio_channels: int = 8
+    max_audio_seconds: float = 3600.0
+    max_image_pixels: int = 50_000_000
+    """Width × height (PIL refuses 2 × 89.5 M on its own; this is the bound below it)."""
+    max_video_frames: int = 1_000_000
+    max_video_seconds: float = 14400.0
+
+
+@dataclass
 class DataConfig:
     train_files: list[DataFile] = field(default_factory=list)
     eval_files: list[DataFile] = field(default_factory=list)
@@ -229,6 +248,7 @@ class DataConfig:
     """Cached encoder features, keyed by file content and encoder identity."""
     train_eval_queries: int = 200
     """How many training queries the main job also scores (to show the model learned)."""
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
 
 @dataclass
@@ -265,6 +285,8 @@ class TrainConfig:
     their held-out captions). Off by default: two more passes over the test split."""
     resume: bool = False
     """Continue from the newest resumable state in output_dir."""
+    overwrite: bool = False
+    """A new run into an output_dir holding another run's files: delete those files first (without it, refused)."""
     num_workers: int = 0
     log_every_steps: int = 1
     answer_logits_only: bool = True
@@ -413,6 +435,12 @@ def _coerce(hint, value, where: str):
         return None if value is None else _coerce(args[0], value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot, no sign in the exponent) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -456,11 +484,52 @@ def load_config(stage: int, extra_files: list[str | Path] = (), overrides: list[
     return config
 
 
+SEED_MAX = 2**32 - 1
+"""numpy's seeds are 0 .. 2**32 - 1."""
+
+RANGES = {
+    # key: (lowest, highest, whether the lowest itself is allowed); every value must be finite
+    "train.micro_batch_size": (1, None, True), "train.gradient_accumulation_steps": (1, None, True),
+    "train.epochs": (1, None, True), "train.length_group_batches": (1, None, True),
+    "train.log_every_steps": (1, None, True), "train.max_nonfinite_in_a_row": (1, None, True),
+    "train.pack_length": (1, None, True), "train.max_steps": (0, None, True), "train.max_time_s": (0, None, True),
+    "train.save_every_steps": (0, None, True), "train.keep_last": (0, None, True), "train.num_workers": (0, None, True),
+    "train.checkpoint_above_tokens": (0, None, True), "train.profile_steps": (0, None, True),
+    "train.warmup_rate": (0, 1, True), "train.learning_rate": (0, None, False), "train.seed": (0, SEED_MAX, True),
+    "train.train_batch_size": (1, None, True),
+    "data.max_tgt_len": (1, None, True), "data.train_eval_queries": (0, None, True), "data.split.seed": (0, SEED_MAX, True),
+    "data.media_limits.min_audio_sample_rate": (1, None, True), "data.media_limits.max_audio_sample_rate": (1, None, True),
+    "data.media_limits.max_audio_channels": (1, None, True), "data.media_limits.max_audio_seconds": (0, None, False),
+    "data.media_limits.max_image_pixels": (1, None, True), "data.media_limits.max_video_frames": (1, None, True),
+    "data.media_limits.max_video_seconds": (0, None, False),
+    "model.lora.r": (1, None, True), "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
+    "inference.batch_size": (1, None, True), "inference.max_new_tokens": (1, None, True),
+    "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
+}
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Every numeric key of ``RANGES`` finite and in its range (null stays allowed where the type says so)."""
+    for key, (low, high, low_ok) in RANGES.items():
+        section, *path = key.split(".")
+        value = getattr(config, section)
+        for name in path:
+            value = getattr(value, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bound = f"{'at least' if low_ok else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise ConfigError(f"{key} must be {bound}, got {value}" + ("" if math.isfinite(value) else " (not finite)"))
+
+
 def validate(config: RunConfig) -> None:
     t = config.train
-    for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs", "length_group_batches"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+    check_ranges(config)
+    if config.model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} is not one of {list(ATTENTION)}")
+    if config.model.tuning == "lora" and not config.model.lora.target_modules:
+        raise ConfigError("model.lora.target_modules is empty: name the LLM's linear layers LoRA adapts (e.g. [q_proj, v_proj])")
     if not 0.0 <= config.data.split.test_fraction < 1.0:
         raise ConfigError(f"data.split.test_fraction must be in [0, 1), got {config.data.split.test_fraction}")
     if t.stage == 3 and not (config.data.train_files or config.data.instruction_files):
@@ -473,8 +542,6 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
     if config.inference.max_batch_tokens is not None and config.inference.max_batch_tokens < 1:
         raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
-    if config.model.tuning == "lora" and config.model.lora.r < 1:
-        raise ConfigError("model.lora.r must be at least 1")
     if t.held_out_tools and not (t.stage == 3 and config.data.train_files
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
@@ -502,6 +569,9 @@ def check_batch_arithmetic(config: RunConfig, world_size: int) -> int:
 
 def check_training_device(config: RunConfig, device_type: str) -> None:
     """Settings that train on CUDA only, refused before any model loads."""
+    if config.model.dtype == "fp16" and device_type != "cuda":
+        raise ConfigError(f"model.dtype=fp16 trains on CUDA only (DeepSpeed has no fp16 on {device_type}): "
+                          "set model.dtype=fp32 (or bf16)")
     if config.model.attn_implementation == "flex_attention" and device_type != "cuda":
         raise ConfigError(
             f"model.attn_implementation=flex_attention trains on CUDA only (torch's FlexAttention has no "
@@ -536,6 +606,26 @@ def check_paths(config: RunConfig) -> None:
                         f"({project_root()}) or among the packaged configs ({CONFIG_DIR})")
     if problems:
         raise ConfigError("missing inputs:\n  " + "\n  ".join(problems))
+    load_deepspeed_config(config)  # malformed JSON stops here, not after the model loads
+    if config.model.tuning == "lora":
+        check_lora_targets(config.model, llm)
+
+
+def check_lora_targets(model: ModelConfig, llm: Path) -> None:
+    """``model.lora.target_modules`` name linear layers of the LLM: checked on an empty (meta
+    device) copy built from its config.json, so before any weight is read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm))
+    full = [name for name, m in empty.named_modules() if isinstance(m, torch.nn.Linear)]
+    linear = sorted({name.rsplit(".", 1)[-1] for name in full})
+    # PEFT matches a name against the end of a module's dotted path.
+    unknown = [t for t in model.lora.target_modules if not any(n == t or n.endswith("." + t) for n in full)]
+    if unknown:
+        raise ConfigError(f"model.lora.target_modules: {unknown} are not linear layers of {llm}; its linear layers "
+                          f"are {linear}")
 
 
 def deepspeed_config_path(config: RunConfig) -> Path:
@@ -544,5 +634,12 @@ def deepspeed_config_path(config: RunConfig) -> Path:
 
 
 def load_deepspeed_config(config: RunConfig) -> dict:
-    with open(deepspeed_config_path(config)) as f:
-        return json.load(f)
+    path = deepspeed_config_path(config)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"train.deepspeed_config: {path} is not readable JSON ({err})") from None
+    if not isinstance(ds, dict) or not isinstance(ds.get("optimizer", {}).get("params"), dict) \
+            or not isinstance(ds.get("zero_optimization"), dict):
+        raise ConfigError(f"train.deepspeed_config: {path} needs an object with 'optimizer.params' and 'zero_optimization'")
+    return ds

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from pathlib import Path
 
@@ -123,6 +125,40 @@ class MetricLogger:
             self.file.close()
 
 
+class UnsafeStateFile(RuntimeError):
+    """A resume-state file that holds more than tensors and plain data (refused unread)."""
+
+
+def state_globals() -> list:
+    """The classes DeepSpeed's ZeRO optimizer states pickle besides tensors and plain data: the
+    only ones a resume state may name (anything else, e.g. ``os.system``, is refused unrun)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def load_state_file(path: str | Path, map_location=None):
+    """``torch.load`` with the weights-only unpickler and :func:`state_globals`: a planted pickle
+    raises :class:`UnsafeStateFile` naming the file, and none of its code runs."""
+    try:
+        with torch.serialization.safe_globals(state_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise UnsafeStateFile(f"{path} holds objects other than tensors and plain data ({reason}); it was refused "
+                              "unread and nothing in it ran") from None
+
+
+def load_resume_state(engine, folder: Path) -> dict | None:
+    """``engine.load_checkpoint`` of one resume state, every file read by :func:`load_state_file`
+    (DeepSpeed's own loader unpickles with ``weights_only=False``, which runs a planted pickle)."""
+    engine.checkpoint_engine.load = load_state_file
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+    return client_state
+
+
 RESUME_DIR = "resume"
 COMPLETE = "complete"
 """Marker written into a resume state once every rank has saved it."""
@@ -135,10 +171,29 @@ def mark_complete(out_dir: Path, tag: str) -> None:
     os.replace(tmp, folder / COMPLETE)
 
 
+STATE_NAME = re.compile(r"step_(\d+)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+"""The only folder names training writes (and so prunes); ``checkpoint-best`` and the like are left alone."""
+
+
+def numbered(folder: Path, pattern: re.Pattern, suffix: str = "") -> list[tuple[int, Path]]:
+    """(step, path) of the sub-folders named exactly ``pattern`` + ``suffix``, by step."""
+    found = []
+    for path in folder.glob("*") if folder.is_dir() else []:
+        match = pattern.fullmatch(path.name[: len(path.name) - len(suffix)]) if path.name.endswith(suffix) else None
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def resume_tags(out_dir: Path) -> list[str]:
     """Complete resume states, newest first (a state cut short by a kill has no marker)."""
-    folders = [p for p in (out_dir / RESUME_DIR).glob("step_*") if (p / COMPLETE).is_file()]
-    return [p.name for p in sorted(folders, key=lambda p: int(p.name.split("_")[1]), reverse=True)]
+    return [p.name for _, p in reversed(numbered(out_dir / RESUME_DIR, STATE_NAME)) if (p / COMPLETE).is_file()]
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first (a ``.partial`` one is cut short)."""
+    return [p for _, p in numbered(out_dir, CHECKPOINT_NAME)]
 
 
 def latest_resume_tag(out_dir: Path) -> str | None:

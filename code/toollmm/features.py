@@ -140,9 +140,11 @@ class FeatureCache:
     read for hashing once however often it is looked up.
     """
 
-    def __init__(self, root: Path, identity: str):
+    def __init__(self, root: Path, identity: str, dim: int | None = None):
+        """``dim``: the encoder's output width; an entry of another shape is recomputed."""
         self.root = Path(root) / identity
         self.identity = identity
+        self.dim = dim
         self._digests: dict[Path, str] = {}
 
     def digest(self, path: Path) -> str:
@@ -163,12 +165,18 @@ class FeatureCache:
         try:
             # One read of the whole (4 KB) file: load_file opens the path twice (header, then
             # mmap), and a writer replacing the file in between gave torn reads.
-            return load_tensors(path.read_bytes())["feature"]
+            feature = load_tensors(path.read_bytes())["feature"]
         except FileNotFoundError:
             return None
         except (SafetensorError, OSError, KeyError) as err:
             log.warning("cached feature %s for %s is unreadable (%s); recomputing it", path, ref.path, err)
             return None
+        expected = f"[{self.dim}]" if self.dim else "one dimension"
+        if feature.ndim != 1 or (self.dim and feature.shape[0] != self.dim) or not torch.isfinite(feature).all():
+            log.warning("cached feature %s for %s has shape %s (expected %s)%s; recomputing it", path, ref.path,
+                        list(feature.shape), expected, "" if torch.isfinite(feature).all() else " and non-finite values")
+            return None
+        return feature
 
     def store(self, ref: MediaRef, feature: torch.Tensor, dtype: str = "") -> Path:
         path = self.path(ref)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from toollmm.config import MediaLimits
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,6 +50,16 @@ VIDEO_CLIP_SECONDS = 2
 VIDEO_CLIPS = 5
 VIDEO_FRAMES_PER_CLIP = 2
 VIDEO_CROPS = 3
+
+
+LIMITS = MediaLimits()
+"""The bounds every decode checks first; ``set_limits`` installs a config's (DataLoader workers
+fork after it and inherit them)."""
+
+
+def set_limits(limits: MediaLimits) -> None:
+    global LIMITS
+    LIMITS = limits
 
 
 class MediaError(ValueError):
@@ -100,8 +112,17 @@ def load_image(path: str | os.PathLike) -> Tensor:
     path = _require_file(path)
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > LIMITS.max_image_pixels:
+                raise MediaError(path, f"image is {width} × {height} pixels, over data.media_limits.max_image_pixels="
+                                       f"{LIMITS.max_image_pixels}; shrink it or raise the limit")
             rgb = img.convert("RGB")  # forces the decode while the file is open
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own bound, 2 × 89.5 M pixels, checked at open
+        raise MediaError(path, f"image is over data.media_limits.max_image_pixels={LIMITS.max_image_pixels} ({err}); "
+                               "shrink it") from None
+    except (OSError, ValueError) as err:
         raise MediaError(path, f"not a readable image ({err}); re-encode it as JPEG/PNG or drop the row") from err
     return _image_transform()(rgb)
 
@@ -113,12 +134,33 @@ def _read_wav(path: Path) -> tuple[Tensor, int]:
     import soundfile as sf
 
     try:
+        info = sf.info(str(path))  # the header only
+    except (RuntimeError, TypeError, ValueError, sf.LibsndfileError) as err:
+        raise MediaError(path, f"not a readable audio file ({err}); convert it to WAV or drop the row") from err
+    check_audio_header(path, info.samplerate, info.channels, info.frames)
+    try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, TypeError, ValueError, sf.LibsndfileError) as err:
         raise MediaError(path, f"not a readable audio file ({err}); convert it to WAV or drop the row") from err
     if data.shape[0] == 0:
         raise MediaError(path, "audio file holds no samples")
+    if not np.isfinite(data).all():
+        raise MediaError(path, "audio samples hold NaN or infinite values; re-export the file or drop the row")
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sr)  # [channels, samples]
+
+
+def check_audio_header(path: Path, rate: int, channels: int, frames: int) -> None:
+    limits = LIMITS
+    problem = None
+    if not limits.min_audio_sample_rate <= rate <= limits.max_audio_sample_rate:
+        problem = (f"sample rate {rate} Hz is outside data.media_limits ({limits.min_audio_sample_rate}-"
+                   f"{limits.max_audio_sample_rate} Hz)")
+    elif channels > limits.max_audio_channels:
+        problem = f"{channels} channels, over data.media_limits.max_audio_channels={limits.max_audio_channels}"
+    elif frames / rate > limits.max_audio_seconds:
+        problem = f"{frames / rate:.0f} s long, over data.media_limits.max_audio_seconds={limits.max_audio_seconds:g}"
+    if problem:
+        raise MediaError(path, f"audio header says {problem}: not decoded; resample or cut it, or raise the limit")
 
 
 def _melspec(segment: Tensor) -> Tensor:
@@ -214,6 +256,9 @@ def load_video(path: str | os.PathLike) -> Tensor:
     if num_frames == 0 or not fps > 0:
         raise MediaError(path, f"video has {num_frames} frames at {fps} fps; nothing to encode")
     duration = num_frames / fps
+    if num_frames > LIMITS.max_video_frames or duration > LIMITS.max_video_seconds:
+        raise MediaError(path, f"video has {num_frames} frames, {duration:.0f} s, over data.media_limits (max_video_frames="
+                               f"{LIMITS.max_video_frames}, max_video_seconds={LIMITS.max_video_seconds:g}): not decoded")
 
     # pytorchvideo's decord clip: frames ceil(fps*start) .. ceil(fps*end)-1, of which
     # UniformTemporalSubsample(2) keeps the first and the last.

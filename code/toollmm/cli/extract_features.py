@@ -32,8 +32,9 @@ import torch
 
 from toollmm.config import ConfigError, DataConfig, DataFile, load_config, resolve_path
 from toollmm.data.split import split_by_query
-from toollmm.data.toolmmbench import MediaRef, Record, media_path, read_toolmmbench
+from toollmm.data.toolmmbench import DataFileError, MediaRef, Record, media_path, read_json_rows, read_toolmmbench
 from toollmm.features import DTYPES, FeatureCache, FrozenEncoder, default_num_workers, extract_features
+from toollmm.media import set_limits as set_media_limits
 from toollmm.modalities import MODALITIES
 
 log = logging.getLogger("toollmm.extract_features")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     found = [r for r in refs if r.path.is_file()]
     missing = [r for r in refs if not r.path.is_file()]
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device, DTYPES[args.dtype])
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     start = time.perf_counter()
     result = extract_features(found, encoder, cache, batch_size=args.batch_size, num_workers=num_workers,
@@ -166,9 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
 def setup(args) -> tuple:
     """Config, the media files it names and the device; every problem is a ConfigError, before any model is built."""
     config = load_config(args.stage, args.config, args.overrides)
+    set_media_limits(config.data.media_limits)
     if args.data is not None:
         if not args.data.is_file():
             raise ConfigError(f"--data {args.data} does not exist")
+        try:
+            read_json_rows(args.data, "ToolMMBench rows")
+        except DataFileError as err:
+            raise ConfigError(f"--data {err}") from None
         media_root = args.media_root or args.data.parent
         config.data.train_files = [DataFile(str(args.data.resolve()), str(Path(media_root).resolve()))]
         config.data.eval_files = []

@@ -32,6 +32,7 @@ always the most probable answer). Constrained responses are written as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -45,11 +46,12 @@ import torch
 
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
+from toollmm.media import set_limits as set_media_limits
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.split import Query, group_queries
-from toollmm.data.toolmmbench import DataReport
+from toollmm.data.toolmmbench import DataFileError, DataReport, read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
@@ -141,9 +143,10 @@ def answer_prompts(args) -> list[dict]:
             parsed.append(parse_prompt(prompt, args.media_root))
         except ValueError as err:
             raise SystemExit(f"prompt {prompt!r}: {err}") from err
-    assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
-                          steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
-                          llm_path=args.llm_path)
+    with checkpoint_errors():
+        assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
+                              steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
+                              llm_path=args.llm_path)
     settings = assistant.config.inference
     for name in ("batch_size", "temperature", "top_p", "top_k_method"):
         if getattr(args, name) is not None:
@@ -178,6 +181,29 @@ def check_beam_settings(args, settings) -> None:
                          f"use at least --num-beams {settings.top_k}")
 
 
+@contextlib.contextmanager
+def checkpoint_errors():
+    """A checkpoint that is missing, corrupt, not finite or made for another base: one line, exit 1."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"inference: {err}") from None
+
+
+def check_data_file(path: Path, media_root: Path) -> None:
+    """``--data`` holds at least one valid row, checked before the model loads (a file that does
+    not would otherwise give ``[]`` and exit 0). Missing media is judged later, by the config."""
+    try:
+        records, report = read_toolmmbench(path, media_root, "text_only")
+    except DataFileError as err:
+        raise SystemExit(f"inference: --data {err}") from None
+    if not report.rows:
+        raise SystemExit(f"inference: --data {path}: the list is empty, nothing to answer")
+    if not records:
+        reason, examples = next(iter(report.examples.items()))
+        raise SystemExit(f"inference: --data {path}: none of its {report.rows} rows is usable ({reason}: {examples[0]})")
+
+
 def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
     """``--data``'s queries, or those of the checkpoint config's split (``splits``: that config's
     ``load_splits``, when the caller has read it already)."""
@@ -205,11 +231,15 @@ def main(argv: list[str] | None = None) -> Path:
 def answer_queries(args) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.data is not None:
+        check_data_file(args.data, args.media_root or args.data.parent)
     log.info("starting on %s", device)
     start = time.perf_counter()
-    model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
+    with checkpoint_errors():
+        model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     start = time.perf_counter()
+    set_media_limits(config.data.media_limits)
     settings = config.inference
     for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method", "cache",
                  "compile", "max_batch_tokens"):
@@ -226,6 +256,9 @@ def answer_queries(args) -> list[dict]:
         trie = AnswerTrie(tokenizer, catalogue)
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
     queries = select_queries(args, config, splits)
+    if not queries:
+        raise SystemExit(f"inference: no usable query in {args.data or args.split + ' split'} (the rows skipped "
+                         "and why are logged above)")
     if args.limit:
         queries = queries[: args.limit]
     if trie is not None:
@@ -234,19 +267,23 @@ def answer_queries(args) -> list[dict]:
             log.warning("%d of %d queries accept only tools outside the catalogue: constrained and top-k answers "
                         "cannot be right for them (pass --catalogue to use another list)", unreachable, len(queries))
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     report = DataReport(rows=len(queries), used=len(queries))
     kept, features = featurize([q.record for q in queries], encoder, cache, report)
-    kept_ids = {r.id for r in kept}
-    queries = [q for q in queries if q.record.id in kept_ids]
+    kept_records = {id(r) for r in kept}  # by object: two rows may share an id, one decodable and one not
+    queries = [q for q in queries if id(q.record) in kept_records]
     del encoder
     if report.skipped:
         log.warning("%s", report.summary())
 
-    prompts = [
-        torch.tensor(build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len).input_ids)
-        for q in queries
-    ]
+    examples = [build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len) for q in queries]
+    prompts = [torch.tensor(e.input_ids) for e in examples]
+    cut = [q.record.id for q, e in zip(queries, examples) if e.truncated]
+    if cut:
+        # The prompt then ends inside the query, before "### Assistant:": the answer is a guess.
+        log.warning("%d of %d queries are longer than data.max_tgt_len=%d tokens and were cut before the answer "
+                    "prompt (e.g. %s); their answers are unreliable", len(cut), len(queries), config.data.max_tgt_len,
+                    ", ".join(map(str, cut[:3])))
     query_features = [record_feature(q.record, features) for q in queries]
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     start = time.perf_counter()

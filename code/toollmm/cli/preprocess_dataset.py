@@ -29,11 +29,11 @@ import logging
 import sys
 from pathlib import Path
 
-from toollmm.config import load_config
+from toollmm.config import ConfigError, load_config
 from toollmm.data import load_splits
 from toollmm.data.converters import FORMATS, Input, convert, load_catalogue, split_examples, write_examples
 from toollmm.data.split import Query, group_queries, training_pairs
-from toollmm.data.toolmmbench import Record
+from toollmm.data.toolmmbench import UNREADABLE_FILE, Record
 from toollmm.modalities import MODALITIES
 
 
@@ -107,10 +107,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.stage, args.config, args.overrides)
+    try:
+        config = load_config(args.stage, args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"preprocess_dataset: {err}") from None
     splits = load_splits(config.data)
     pairs = training_pairs(splits.train, config.data.duplicate_rows == "keep")
     train = [to_row(record, i + 1, tool) for i, (record, tool) in enumerate(pairs)]
+    if not train:
+        unreadable = splits.report.examples.get(UNREADABLE_FILE, [])
+        raise SystemExit("preprocess_dataset: no usable training row in data.train_files"
+                         + (f": {unreadable[0]}" if unreadable else f" ({splits.report.summary().strip()})"))
     test_queries: list[Query] = group_queries(splits.test)
     test = [to_row(q.record, i + 1, q.tools) for i, q in enumerate(test_queries)]
     out = args.output_dir

@@ -24,7 +24,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from toollmm.checkpoint import load_initial_weights, save_checkpoint
+from toollmm.checkpoint import load_initial_weights, non_finite, save_checkpoint
 from toollmm.config import (
     OUTPUT_MODALITIES,
     ConfigError,
@@ -48,24 +48,35 @@ from toollmm.data.split import training_pairs
 from toollmm.data.stages import caption_items, instruction_items
 from toollmm.data.toolmmbench import DataReport
 from toollmm.engine import (
+    CHECKPOINT_NAME,
+    COMPLETE,
     RESUME_DIR,
+    STATE_NAME,
     MetricLogger,
     StepProfiler,
     Stopwatch,
+    UnsafeStateFile,
+    checkpoints,
     deepspeed_config,
     init_distributed,
     latest_resume_tag,
+    load_resume_state,
+    load_state_file,
     mark_complete,
+    numbered,
     planned_steps,
     resume_tags,
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
+from toollmm.media import set_limits as set_media_limits
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
 from toollmm.prompts import IGNORE_INDEX
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
 
 log = logging.getLogger("toollmm.train")
+
+HELD_OUT_FILE = "held_out.json"
 
 
 def parse_args(argv):
@@ -82,30 +93,35 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """``train`` with its expected failures (config, data, resume state, divergence) as a
+    one-line message and exit status 1 instead of a traceback."""
+    try:
+        return train(argv)
+    except (ConfigError, TrainingDiverged) as err:
+        raise SystemExit(f"train: {err}") from None
+
+
+def train(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # ---- setup: everything that can be wrong in the config fails here, before any model is built
     config = load_config(args.stage, args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     check_paths(config)
-    out_dir = resolve_path(config.train.output_dir)
-    resume_tag = latest_resume_tag(out_dir)
-    if config.train.resume and resume_tag is None:
-        raise ConfigError(f"--resume given but {out_dir / RESUME_DIR} holds no training state; drop --resume to start fresh")
-    if not config.train.resume and resume_tag is not None:
-        raise ConfigError(
-            f"{out_dir} already holds a run (state {resume_tag}). Pass --resume to continue it, "
-            "or set train.output_dir to a new folder."
-        )
+    set_media_limits(config.data.media_limits)
     check_batch_arithmetic(config, int(os.environ.get("WORLD_SIZE", "1")))
+    check_training_device(config, "cuda" if torch.cuda.is_available() else "cpu")  # the device init_distributed picks
+    out_dir = resolve_path(config.train.output_dir)
+    earlier_run = check_output_dir(out_dir, config)
     rank, world_size, device = init_distributed()
-    check_training_device(config, device.type)
     avoid_cudnn_attention(device)
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(config.train.seed + rank)
     if is_main:
+        for path in earlier_run:  # train.overwrite=true: the earlier run's files only
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = hold_run_lock(out_dir)  # noqa: F841 (held until the process ends, however it ends)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
             if config.train.held_out_tools:
                 test_items = tool_items(training_pairs(splits.test))
         items = instruction_items(config, report)
-    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity)
+    cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
     # would decode and encode every file.
     if not is_main:
@@ -237,6 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite_skipped": 0}
     if config.train.resume:
         progress.update(resume(engine, out_dir, rank))
+        if is_main:
+            drop_after(out_dir, progress["step"])
 
     # ---- loop
     metrics = MetricLogger(out_dir, enabled=is_main, after_step=progress["step"])
@@ -245,6 +263,13 @@ def main(argv: list[str] | None = None) -> Path:
     # loss sum, token-accuracy sum, micro-batches, then (MSE sum, runs batches) per output modality
     window = torch.zeros(3 + 2 * len(OUTPUT_MODALITIES), device=device)
     done = progress["step"] >= total_steps
+    # An epoch can end between optimizer steps (DeepSpeed's accumulation runs on across epochs);
+    # its save then waits for the next step, when no gradient is half-accumulated: a state saved
+    # with an accumulation tail would resume without it.
+    save_due = False
+    # The newest checkpoint whose weights then gave a finite loss, and the newest one not yet
+    # tried: finite weights can still be too large (|w| ~ 1e9 after a huge step) to give one.
+    trusted, untried = None, (last_checkpoint(out_dir) if config.train.resume else None)
     nonfinite_in_a_row = 0
     profiler = StepProfiler(out_dir, config.train.profile_steps, enabled=is_main)
     for epoch in range(progress["epoch"], config.train.epochs):
@@ -262,7 +287,10 @@ def main(argv: list[str] | None = None) -> Path:
             if config.train.checkpoint_above_tokens and not config.train.gradient_checkpointing:
                 model.set_activation_checkpointing(batch["input_ids"].numel() > config.train.checkpoint_above_tokens)
             out = engine(**batch)
-            if not all_finite(out["loss"]):
+            finite = all_finite(out["loss"])
+            if finite and untried is not None:
+                trusted, untried = untried, None
+            if not finite:
                 # Skipped on every rank alike: no backward, no optimizer step, the data moves on.
                 progress["batches_in_epoch"] = index + 1
                 progress["nonfinite_skipped"] += 1
@@ -272,9 +300,8 @@ def main(argv: list[str] | None = None) -> Path:
                 if nonfinite_in_a_row >= config.train.max_nonfinite_in_a_row:
                     raise TrainingDiverged(
                         f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_a_row="
-                        f"{config.train.max_nonfinite_in_a_row}): stopped. The last checkpoint, "
-                        f"{last_checkpoint(out_dir) or 'none yet'}, holds the weights from before; lower the learning rate "
-                        "(train.learning_rate), check the data rows named above, then --resume or start from it."
+                        f"{config.train.max_nonfinite_in_a_row}): stopped. {trusted_checkpoint(trusted, untried)}; lower "
+                        "the learning rate (train.learning_rate) and check the data rows named above."
                     )
                 continue
             nonfinite_in_a_row = 0
@@ -315,14 +342,19 @@ def main(argv: list[str] | None = None) -> Path:
             out_of_time = config.train.max_time_s and clock.elapsed() > config.train.max_time_s
             done = progress["step"] >= total_steps or bool(out_of_time)
             every = config.train.save_every_steps
-            if done or (every and progress["step"] % every == 0):
-                save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+            if done or save_due or (every and progress["step"] % every == 0):
+                untried = save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted) or untried
+                save_due = False
             if done:
                 break
         else:
             progress.update(epoch=epoch + 1, batches_in_epoch=0)
-            if not config.train.save_every_steps:
-                save(engine, model, config, tokenizer, progress, cache, out_dir, is_main)
+            save_due = not config.train.save_every_steps
+            if save_due and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+                untried = save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted) or untried
+                save_due = False
+    if save_due:  # the last epoch ended with an accumulation tail: no step follows to take it
+        save(engine, model, config, tokenizer, progress, cache, out_dir, is_main, trusted)
     bar.close()
     metrics.close()
     if len(test_set):
@@ -343,6 +375,46 @@ def main(argv: list[str] | None = None) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return final
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "data_report.json", HELD_OUT_FILE, "final", RESUME_DIR, "tensorboard",
+             "profile.txt", "profile_trace.json")
+"""What a run writes into its output_dir besides its numbered checkpoints."""
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files and folders a training run wrote into ``out_dir`` (exact names; others are the user's)."""
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    return found + [p for _, p in numbered(out_dir, CHECKPOINT_NAME) + numbered(out_dir, CHECKPOINT_NAME, ".partial")]
+
+
+def check_output_dir(out_dir: Path, config) -> list[Path]:
+    """Refuse an output_dir that cannot hold this run, before any model loads; returns the earlier
+    run's files that ``train.overwrite`` deletes (a resumed run keeps them)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.output_dir: {out_dir} is a file, not a folder; set train.output_dir to a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot create {out_dir} ({err.strerror}); set train.output_dir to a "
+                          "writable folder") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {out_dir} is not writable; set train.output_dir to a writable folder")
+    earlier = run_files(out_dir)
+    state = latest_resume_tag(out_dir)
+    if config.train.resume:
+        if state is None:
+            raise ConfigError(f"--resume given but {out_dir / RESUME_DIR} holds no complete training state; "
+                              + ("start over with train.overwrite=true or " if earlier else "drop --resume to start fresh, or ")
+                              + "set train.output_dir to a new folder")
+        return []
+    if earlier and not config.train.overwrite:
+        held = f"state {state}" if state else ", ".join(sorted(p.name for p in earlier)[:5])
+        raise ConfigError(
+            f"{out_dir} already holds a run ({held}). Pass --resume to continue it, set train.output_dir to a "
+            "new folder, or train.overwrite=true to delete that run's files and start over."
+        )
+    return earlier
 
 
 def hold_run_lock(out_dir: Path):
@@ -388,23 +460,28 @@ def loss_scale_events(engine, config) -> dict:
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
-                   key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(out_dir)  # a ".partial" folder left by a kill is not one
     return found[-1] if found else None
 
 
 def resume(engine, out_dir: Path, rank: int) -> dict:
-    """Load the newest complete resume state; a corrupt one is reported and the previous one used."""
+    """Load the newest complete resume state; a truncated or corrupt one is reported and the
+    previous one used. A file holding anything but tensors and plain data stops the run unread."""
     for tag in resume_tags(out_dir):
+        folder = out_dir / RESUME_DIR / tag
         try:
-            _, client_state = engine.load_checkpoint(str(out_dir / RESUME_DIR), tag=tag, load_module_strict=False)
+            rng = read_rng(folder, rank)  # before the engine's state: a bad RNG file falls back like any other
+            client_state = load_resume_state(engine, folder)
             if client_state is None:
                 raise RuntimeError("DeepSpeed found no state under this tag")
+        except UnsafeStateFile as err:
+            raise ConfigError(f"{err}. If you did not put it there, the run folder was tampered with: delete {folder} "
+                              "to resume from the previous state, or start a new run") from None
         except Exception as err:  # a truncated or corrupt file surfaces as any of pickle/zip/runtime errors
-            log.error("resume state %s is unreadable (%s: %s); trying the previous one", out_dir / RESUME_DIR / tag,
-                      type(err).__name__, str(err)[:200])
+            log.error("resume state %s is unreadable (%s: %s); trying the previous one", folder, type(err).__name__,
+                      str(err)[:200])
             continue
-        restore_rng(out_dir / RESUME_DIR / tag, rank)
+        restore_rng(rng)
         progress = client_state["progress"]
         log.info("resumed from %s at step %d (epoch %d)", tag, progress["step"], progress["epoch"])
         return progress
@@ -418,9 +495,6 @@ def step_metrics(out: dict, device) -> torch.Tensor:
         values += [out[f"mse_{modality}"].float() if present else torch.zeros((), device=device),
                    torch.tensor(float(present), device=device)]
     return torch.stack(values)
-
-
-HELD_OUT_FILE = "held_out.json"
 
 
 def write_held_out(out_dir: Path, examples: int, figures: dict) -> None:
@@ -459,13 +533,26 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     return {key: round(sums[key] / counts[key], 6) for key in sums if counts[key]}
 
 
-def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool) -> None:
-    """Resumable DeepSpeed state (all ranks) + a self-describing checkpoint (rank 0)."""
+def trusted_checkpoint(trusted: Path | None, untried: Path | None) -> str:
+    """Which checkpoint to go back to after a divergence, in words."""
+    later = f" ({untried.name}, written since, gave no finite loss yet)" if untried is not None else ""
+    if trusted is None:
+        return f"No checkpoint of this run is known to give a finite loss{later}: start again"
+    return f"The last checkpoint whose weights gave a finite loss is {trusted}{later}: start from it (train.init_from)"
+
+
+def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_main: bool, trusted: Path | None) -> Path | None:
+    """Resumable DeepSpeed state (all ranks) + a self-describing checkpoint (rank 0); returns the
+    checkpoint folder, or None when this step was saved already. Weights that are not finite
+    are not written: the run stops, naming the checkpoint to go back to."""
     import deepspeed
 
     tag = f"step_{progress['step']}"
-    if (out_dir / f"checkpoint-{progress['step']}").exists():
-        return  # the end of an epoch can coincide with a periodic save
+    if (out_dir / RESUME_DIR / tag / COMPLETE).is_file():
+        return None  # saved at this step already (an epoch that ended right after a save)
+    if not weights_finite(model):
+        raise TrainingDiverged(f"the weights after step {progress['step']} hold NaN or infinite values: not saved, "
+                               f"stopped. {trusted_checkpoint(trusted, None)}; lower the learning rate (train.learning_rate).")
     # The frozen base stays out of the resume state: for a 7B model it would add 13+ GB per save.
     engine.save_checkpoint(str(out_dir / RESUME_DIR), tag=tag, client_state={"progress": dict(progress)},
                            exclude_frozen_parameters=True, save_latest=False)
@@ -475,13 +562,22 @@ def save(engine, model, config, tokenizer, progress, cache, out_dir: Path, is_ma
     # every rank enters, so they are whole for the save (a no-op without ZeRO-3 weights).
     with deepspeed.zero.GatheredParameters(checkpoint_parameters(model)):
         if is_main:
-            # Only now is the state whole on every rank: a run killed before this line resumes
-            # from the previous state.
-            mark_complete(out_dir, tag)
             save_checkpoint(out_dir / f"checkpoint-{progress['step']}", model, config, tokenizer, dict(progress),
                             cache.root.name)
+            # Marked last: a run killed before this line resumes from the previous state, and
+            # the checkpoint folder of this step is written again, the same, when it gets here.
+            mark_complete(out_dir, tag)
             prune(out_dir, config.train.keep_last)
     dist.barrier()
+    return out_dir / f"checkpoint-{progress['step']}"
+
+
+def weights_finite(model) -> bool:
+    """Whether every trainable weight is finite on every rank (each checks the shard it holds)."""
+    held = [(n, getattr(p, "ds_tensor", p)) for n, p in model.named_parameters() if p.requires_grad]
+    finite = torch.tensor([0.0 if non_finite(held) else 1.0], device=held[0][1].device if held else "cpu")
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def held_share(params) -> str:
@@ -492,19 +588,29 @@ def held_share(params) -> str:
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints and resume states."""
+    """Keep the newest ``keep_last`` checkpoints and resume states; only folders named as
+    training names them (``checkpoint-<step>``, ``resume/step_<step>``) are touched."""
     if keep_last < 1:
         return
-    checkpoints = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".partial")),
-                         key=lambda p: int(p.name.split("-")[1]))
-    keep = set(checkpoints[-keep_last:])
+    found = checkpoints(out_dir)
+    keep = set(found[-keep_last:])
     keep |= {out_dir / RESUME_DIR / tag for tag in resume_tags(out_dir)[:keep_last]}
     # Everything else goes, including what a killed run left half-written: resume states without
     # their marker and ".partial" checkpoint folders.
-    stale = [p for p in (out_dir / RESUME_DIR).glob("step_*") if p.is_dir()] + list(out_dir.glob("checkpoint-*.partial"))
-    for old in checkpoints + stale:
+    stale = [p for _, p in numbered(out_dir / RESUME_DIR, STATE_NAME) + numbered(out_dir, CHECKPOINT_NAME, ".partial")]
+    for old in found + stale:
         if old not in keep:
             shutil.rmtree(old)
+
+
+def drop_after(out_dir: Path, step: int) -> None:
+    """Checkpoints and resume states past the state a run resumes from (written before a kill,
+    or past an unreadable state): the resumed run writes them again, and left in place they
+    would be pruned as newest, or copied to final/ by a run that stops before reaching them."""
+    for later, path in numbered(out_dir, CHECKPOINT_NAME) + numbered(out_dir / RESUME_DIR, STATE_NAME):
+        if later > step:
+            log.warning("removing %s, past the resumed step %d", path, step)
+            shutil.rmtree(path)
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -515,12 +621,20 @@ def save_rng(folder: Path, rank: int) -> None:
     torch.save(state, folder / f"rng_rank{rank}.pt")
 
 
-def restore_rng(folder: Path, rank: int) -> None:
+def read_rng(folder: Path, rank: int) -> dict | None:
     path = folder / f"rng_rank{rank}.pt"
     if not path.is_file():
         log.warning("%s missing: dropout masks after resuming will differ from an uninterrupted run", path)
+        return None
+    state = load_state_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise ValueError(f"{path} holds no CPU RNG state")
+    return state
+
+
+def restore_rng(state: dict | None) -> None:
+    if state is None:
         return
-    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

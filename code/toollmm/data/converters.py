@@ -33,7 +33,7 @@ dropped for the first problem found, checked in this order:
                     tokens: the tokenizer is a training choice; ``data.max_tgt_len`` caps tokens)
 ``unknown_tool``    a tool row names a tool that is not in the given catalogue
 ``missing_media``   a media file is not under the media root (dropped unless ``missing_media=keep``,
-                    counted either way)
+                    counted either way; a path resolving outside the root is always dropped)
 ``duplicate``       the same example again (tool rows: the same request adding no new tool)
 ==================  ===========================================================================
 
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from toollmm.data.split import in_test_split
-from toollmm.data.toolmmbench import has_replacement, read_json_rows
+from toollmm.data.toolmmbench import has_replacement, media_path, read_json_rows
 from toollmm.modalities import MODALITIES
 
 TASKS = ("tool_selection", "instruction", "caption")
@@ -158,6 +158,9 @@ def read_toolmmbench_row(row: Any, ctx: RowContext) -> Example:
     turns = row["conversations"]
     if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
         raise RowProblem("malformed", "'conversations' must hold 2 turns with a 'value'")
+    roles = [t.get("from") for t in turns[:2]]
+    if roles[0] not in (None, "human") or roles[1] not in (None, "gpt"):
+        raise RowProblem("malformed", f"conversation roles are {roles}: the query comes 'from' 'human', the tool 'from' 'gpt'")
     _text(turns[0]["value"], "conversations[0].value")
     query = turns[0]["value"]  # as written: the request key must equal Record.request_key
     tools = turns[1]["value"]
@@ -408,6 +411,10 @@ def convert(
             unknown = [t for t in example.tools if known is not None and t not in known]
             if unknown:
                 report.note("unknown_tool", where, f"{unknown} not in the catalogue")
+                continue
+            outside = [p for _, p in example.media if media_path(source.media_root, p) is None]
+            if outside:  # never kept: a data file may not point at ../../etc/passwd or a link out
+                report.note("missing_media", where, f"{outside[0]!r} resolves outside {source.media_root}: refused")
                 continue
             missing = [p for _, p in example.media if not (source.media_root / p).is_file()]
             if missing:

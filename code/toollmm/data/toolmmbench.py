@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toollmm.evaluate import normalize_ambiguity, normalize_flag
 from toollmm.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,13 @@ def read_json_rows(path: Path, what: str) -> tuple[list, bool]:
     skip (and count) the rows that hold one. A file that is not a JSON list at all raises a
     ``DataFileError`` naming it (the caller counts and skips the file).
     """
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DataFileError(f"{path}: cannot be read ({err.strerror}); expected a JSON list of {what}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataFileError(f"{path}: UTF-16 text; save it as UTF-8 (a JSON list of {what})")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
     try:
         text, lossy = raw.decode("utf-8"), False
     except UnicodeDecodeError:
@@ -117,9 +124,12 @@ def read_json_rows(path: Path, what: str) -> tuple[list, bool]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFileError(f"{path}: not valid JSON ({err}); expected a list of {what}") from err
+        hint = " (one JSON value a line? that is JSON Lines: wrap the rows in one list)" if err.msg == "Extra data" else ""
+        raise DataFileError(f"{path}: not valid JSON ({err}){hint}; expected a list of {what}") from None
+    except RecursionError:
+        raise DataFileError(f"{path}: JSON nested too deeply to read; expected a flat list of {what}") from None
     if not isinstance(rows, list):
-        raise DataFileError(f"{path}: expected a JSON list of {what}, got {type(rows).__name__}")
+        raise DataFileError(f"{path}: expected a JSON list of {what}, got {'null' if rows is None else type(rows).__name__}")
     return rows, lossy
 
 
@@ -177,6 +187,17 @@ def _problem(row) -> str | None:
         answer = [answer]
     if not isinstance(answer, list) or not answer or not all(isinstance(t, str) and t.strip() for t in answer):
         return "tool (conversations[1].value) must be a non-empty string or list of strings"
+    roles = [t.get("from") for t in turns[:2]]
+    if roles[0] not in (None, "human") or roles[1] not in (None, "gpt"):
+        return f"conversation roles are {roles}: the query comes 'from' 'human', the tool 'from' 'gpt'"
+    if any("###" in t for t in answer):
+        return "tool name holds '###', the prompt's turn marker (answers stop there)"
+    try:
+        normalize_ambiguity(row.get("ambiguity", turns[1].get("ambiguity", -1)))
+        for flag in ("ifambiguity", "onetomulti"):
+            normalize_flag(row.get(flag), flag)
+    except ValueError as err:
+        return str(err)
     modality = row.get("input_modality", turns[0].get("input_modality", "text"))
     if modality not in INPUT_MODALITIES:
         return f"input_modality {modality!r} is not one of {list(INPUT_MODALITIES)}"

@@ -254,6 +254,7 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
     if stage in (1, 2) and not config.outputs.enabled:
         raise ValueError(f"stage {stage} aligns the signal tokens: set model.outputs.enabled=true")
     llm = load_llm(config, dtype, device)
+    fingerprint = base_fingerprint(llm)  # before any row is added or any weight trains
     if signal is not None:
         if llm.get_input_embeddings().num_embeddings != signal.base_vocab_size:
             raise ValueError(
@@ -286,8 +287,33 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
             for m in OUTPUT_MODALITIES
         }).to(llm.device, llm.dtype)
     model = ToolLMM(llm, projector, outputs, signal, config)
+    model.base_fingerprint = fingerprint
     set_trainable(model, parts)
     return model
+
+
+FINGERPRINT_SAMPLES = 1 << 16
+"""Elements hashed per tensor: a few milliseconds at 7B, yet any other fine-tune of the same
+shape differs in them."""
+
+
+def base_fingerprint(llm) -> str | None:
+    """SHA-256 of a strided sample of the base's input embeddings and last decoder layer's
+    weights, as bf16 (the same for a base loaded in fp32 or bf16); None under ZeRO-3, whose
+    ranks hold shards only."""
+    import hashlib
+
+    layer = [p for p in llm.model.layers[-1].parameters()] if hasattr(llm, "model") and hasattr(llm.model, "layers") else []
+    tensors = [llm.get_input_embeddings().weight, *layer]
+    if any(hasattr(t, "ds_id") for t in tensors):
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].to("cpu", torch.bfloat16)
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def is_trainable(name: str, parts: set[str]) -> bool:
