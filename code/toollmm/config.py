@@ -214,6 +214,8 @@ class MediaLimits:
     """Width × height (PIL refuses 2 × 89.5 M on its own; this is the bound below it)."""
     max_video_frames: int = 1_000_000
     max_video_seconds: float = 14400.0
+    max_video_pixels: int = 50_000_000
+    """Width × height of one frame, read from the container's stream header before decoding."""
 
 
 @dataclass
@@ -502,6 +504,7 @@ RANGES = {
     "data.media_limits.max_audio_channels": (1, None, True), "data.media_limits.max_audio_seconds": (0, None, False),
     "data.media_limits.max_image_pixels": (1, None, True), "data.media_limits.max_video_frames": (1, None, True),
     "data.media_limits.max_video_seconds": (0, None, False),
+    "data.media_limits.max_video_pixels": (1, None, True),
     "model.lora.r": (1, None, True), "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
     "inference.batch_size": (1, None, True), "inference.max_new_tokens": (1, None, True),
     "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
