@@ -222,7 +222,7 @@ MEDIA_CASES = {
     "image_small_limit": ("image", lambda: (MEDIA / "bird_image.jpg").read_bytes(), {"max_image_pixels": 100}, "pixels, over data.media_limits.max_image_pixels=100"),
     "video_frames": ("video", lambda: (MEDIA / "test.mp4").read_bytes(), {"max_video_frames": 10}, "over data.media_limits (max_video_frames=10"),
     "video_seconds": ("video", lambda: (MEDIA / "test.mp4").read_bytes(), {"max_video_seconds": 0.5}, "max_video_seconds=0.5): not decoded"),
-    "video_pixels": ("video", lambda: (MEDIA / "test.mp4").read_bytes(), {"max_video_pixels": 1000}, "pixels, over data.media_limits.max_video_pixels=1000: not decoded"),
+    "video_pixels": ("video", lambda: (MEDIA / "test.mp4").read_bytes(), {"max_video_pixels": 1000}, "video frames are 576 × 320 pixels, over data.media_limits.max_video_pixels=1000: the other 9 frames were not decoded"),
 }
 
 

@@ -215,7 +215,7 @@ class MediaLimits:
     max_video_frames: int = 1_000_000
     max_video_seconds: float = 14400.0
     max_video_pixels: int = 50_000_000
-    """Width × height of one frame, read from the container's stream header before decoding."""
+    """Width × height of one frame, checked on the first frame decoded, before the others (decord reads no frame size from the header)."""
 
 
 @dataclass

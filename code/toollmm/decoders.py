@@ -6,8 +6,8 @@ the first ``decode``. The output projector's tensor goes in as ``prompt_embeds``
 negative embedding for classifier-free guidance is the pipeline's own encoding of the empty
 prompt, as the pipelines compute it when NExT-GPT passes no negative prompt.
 
-Videos are written as H.264 MP4 (yuv420p, what browsers play) through PyAV (torchvision 0.26
-no longer writes video).
+Videos are written as H.264 MP4 (yuv420p, what browsers play) through PyAV (``av`` in the
+[decoders] extra; torchvision 0.26 no longer writes video).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def to_uint8(frames) -> np.ndarray:
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
     """(frames, H, W, 3) uint8 → an H.264 MP4 (PyAV)."""
-    import av  # a core dependency (video headers); H.264 encoding is in its wheel
+    av = require("av", "writing a generated video as MP4")
 
     height, width = frames.shape[1:3]
     with av.open(str(path), "w") as container:

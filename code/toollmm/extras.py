@@ -13,6 +13,7 @@ from types import ModuleType
 # module → the extra that installs it
 EXTRAS = {
     "diffusers": "decoders",
+    "av": "decoders",
     "gradio": "demo",
     "matplotlib": "plots",
     "tensorboard": "tensorboard",

@@ -242,31 +242,12 @@ def _three_crops(video: Tensor, size: int) -> list[Tensor]:
     return crops
 
 
-def _video_frame_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the container's stream header. decord has no way to tell the frame
-    size without decoding a frame, and a frame of a crafted file can be gigabytes."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(path, "holds no video stream; re-encode it (e.g. H.264 MP4) or drop the row")
-            stream = container.streams.video[0]
-            return int(stream.codec_context.width), int(stream.codec_context.height)
-    except av.FFmpegError as err:
-        raise MediaError(path, f"not a readable video ({err}); re-encode it (e.g. H.264 MP4) or drop the row") from err
-
-
 def load_video(path: str | os.PathLike) -> Tensor:
     """Video file -> ``[15, 3, 2, 224, 224]`` float32: 5 clips of 2 s, 2 frames each,
     short side 224, CLIP norm, 3 spatial crops per clip (index = clip * 3 + crop)."""
     import decord
 
     path = _require_file(path)
-    width, height = _video_frame_size(path)
-    if width * height > LIMITS.max_video_pixels:
-        raise MediaError(path, f"video frames are {width} × {height} pixels, over data.media_limits.max_video_pixels="
-                               f"{LIMITS.max_video_pixels}: not decoded")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         num_frames, fps = len(reader), float(reader.get_avg_fps())
@@ -290,6 +271,15 @@ def load_video(path: str | os.PathLike) -> Tensor:
         count = stop - first
         picks.append([first + int(i) for i in torch.linspace(0, count - 1, VIDEO_FRAMES_PER_CLIP).long()])
     wanted = sorted({i for clip in picks for i in clip})
+    try:
+        # decord tells no frame size before decoding: decode one frame and check it before the
+        # batch, which holds len(wanted) frames of that size.
+        height, width = reader[wanted[0]].shape[:2]
+    except Exception as err:
+        raise MediaError(path, f"decoding frame {wanted[0]} failed ({err}); re-encode the video or drop the row") from err
+    if width * height > LIMITS.max_video_pixels:
+        raise MediaError(path, f"video frames are {width} × {height} pixels, over data.media_limits.max_video_pixels="
+                               f"{LIMITS.max_video_pixels}: the other {len(wanted) - 1} frames were not decoded")
     try:
         batch = reader.get_batch(wanted)  # [N, H, W, 3] uint8
         # decord's output type follows a process-wide bridge that other code (pytorchvideo)
