@@ -76,7 +76,9 @@ class LoraConfig:
     r: int = 32
     alpha: int = 32
     dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | None = None
+    """Module name suffixes LoRA adapts; null: the LLM family's attention projections
+    (``toollmm.model.families.LORA_TARGETS``; LLaMA's q/k/v/o as published); [all-linear]: every linear layer."""
 
 
 @dataclass

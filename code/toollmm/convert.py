@@ -32,6 +32,7 @@ import torch
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import RunConfig, resolve_path
 from toollmm.features import encoder_identity
+from toollmm.model.families import lora_targets
 from toollmm.model.imagebind import ImageBindConfig
 from toollmm.model.toollmm import build_model, checkpoint_tensors, load_trainable_state
 from toollmm.tokenization import load_tokenizer
@@ -161,7 +162,7 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
             f"pass model.lora.r={r} (and model.lora.alpha as it was trained; the published recipe used alpha 32)"
         )
     delta_modules = {module for _, module in lora}
-    configured = set(model_config.lora.target_modules)
+    configured = set(lora_targets(model_config.lora, base.get("model_type", "")))
     if delta_modules != configured:
         problems.append(
             f"the delta has LoRA on {sorted(delta_modules)} but model.lora.target_modules={sorted(configured)}: "

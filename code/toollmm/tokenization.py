@@ -73,8 +73,12 @@ class PromptTokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
-    def bos_token_id(self) -> int:
+    def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
+
+    def bos_ids(self) -> list[int]:
+        """What a prompt starts with: the BOS token, or nothing for tokenizers without one (Qwen2)."""
+        return [] if self.hf.bos_token_id is None else [self.hf.bos_token_id]
 
     @property
     def eos_token_id(self) -> int:
