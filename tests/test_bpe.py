@@ -34,7 +34,7 @@ def test_every_bundled_query_and_tool_round_trips(bpe_tokenizer, catalogue):
     assert bpe_tokenizer.sp is None and len(bpe_tokenizer) == 49152
     rows = bundled_rows()
     queries = {row["conversations"][0]["value"] for row in rows}
-    assert len(queries) > 4000 and any(q.startswith(" ") for q in queries)
+    assert len(queries) == 2154 and any(q.startswith(" ") for q in queries)
     texts = sorted(queries) + catalogue + [format_answer(tool) for tool in catalogue]
     wrong = [t for t in texts if bpe_tokenizer.decode(bpe_tokenizer.encode(t)) != t]
     assert wrong == []
@@ -77,7 +77,7 @@ def test_signal_tokens_split_from_the_text_around_them(bpe_tokenizer):
 
 def test_trie_paths_are_exactly_the_catalogue_answers(bpe_tokenizer, catalogue):
     trie = AnswerTrie(bpe_tokenizer, catalogue)
-    assert len(trie) == len(catalogue) == 186
+    assert len(trie) == len(catalogue) == 926
     for tool, ids in zip(trie.tools, trie.sequences):
         assert trie.tool_for(ids) == tool
         assert bpe_tokenizer.decode(ids) == format_answer(tool) and parse_answer(bpe_tokenizer.decode(ids)) == tool
