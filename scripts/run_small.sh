@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The published recipe on the real small LLM (SmolLM2-135M-Instruct, frozen, LoRA r32 on q/k/v/o),
 # shortened for a CPU: build the small default (if absent) → stage-3 training for STEPS steps of
-# 16 (default 30; the full schedule is 5 epochs of 64: bench/small_gpu.sh) → inference on the
+# 16 (default 20; the full schedule is 5 epochs of 64: bench/small_gpu.sh) → inference on the
 # test split (free, constrained + top 5) and on training queries → evaluation → one table next to
 # the tiny default (ckpt/tiny, from scripts/run_tiny.sh, if there) and the most-frequent-tool baseline.
 # RUN_DIR (default ckpt/small) is replaced on every run. Extra arguments go to training as
-# key=value overrides (e.g. model.lora.r=64). MAX_TRAIN_S (default 480) stops training early on a
+# key=value overrides (e.g. model.lora.r=64). MAX_TRAIN_S (default 420) stops training early on a
 # slower machine, so the whole run stays within about 15 minutes on 2 cores.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,8 +16,8 @@ start=$SECONDS
 python -m toollmm.tiny     # the tiny ImageBind the projector reads
 python -m toollmm.small    # converts the GGUF once (about 50 s)
 rm -rf "$run"
-bash scripts/train.sh --stage 3 --config small train.output_dir="$run" train.max_steps="${STEPS:-30}" \
-  train.gradient_accumulation_steps=1 train.max_time_s="${MAX_TRAIN_S:-480}" "$@"
+bash scripts/train.sh --stage 3 --config small train.output_dir="$run" train.max_steps="${STEPS:-20}" \
+  train.gradient_accumulation_steps=1 train.max_time_s="${MAX_TRAIN_S:-420}" "$@"
 for split in test train; do
   python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
 done
