@@ -96,6 +96,15 @@ def test_table_rows_are_the_published_choice_per_family():
     assert lora_targets(config, "gpt2") == "all-linear"
 
 
+def test_all_linear_override_adapts_every_decoder_linear_layer(tiny_default):
+    config = load_config(3, [TINY_CONFIG], [f"model.llm_path={TINY_LLM}", "model.tuning=lora", "model.lora.target_modules=[all-linear]"])
+    model = build_model(config.model, 1024)
+    modules = {n.split(".lora_")[0].split("layers.0.")[1] for n, p in model.named_parameters() if p.requires_grad and "layers.0." in n}
+    assert modules == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert not any("lm_head" in n or "embed" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_family_trains_resumes_answers_and_reloads(family, tmp_path):
     name, folder = family
     expected = expected_trainable(name)
