@@ -82,6 +82,9 @@ def parse_args(argv):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decoding step (CUDA, --cache static; inference.compile)")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="answer N queries spread evenly over the selection (every len/N-th, in file order): "
+                             "a quicker estimate over all its files and modalities, where --limit takes the first file's")
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
                         help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
                              "then the longest answer's length); off = free generation")
@@ -228,6 +231,8 @@ def answer_queries(args) -> list[dict]:
     queries = select_queries(args, config, splits)
     if args.limit:
         queries = queries[: args.limit]
+    if 0 < args.sample < len(queries):
+        queries = [queries[i * len(queries) // args.sample] for i in range(args.sample)]
     if trie is not None:
         unreachable = sum(1 for q in queries if q.tools and not set(q.tools) & set(trie.tools))
         if unreachable:
