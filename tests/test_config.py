@@ -10,13 +10,13 @@ from toollmm.engine import deepspeed_config, planned_steps
 def test_shipped_configs_load():
     published = load_config(3)
     assert (published.model.lora.r, published.model.lora.alpha, published.model.lora.dropout) == (32, 32, 0.1)
-    assert published.model.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert published.model.lora.target_modules is None  # the family's row: LLaMA's q/k/v/o (test_families.py)
     assert published.data.max_tgt_len == 512 and published.train.epochs == 5
     tiny = load_config(3, [TINY_CONFIG])
     assert tiny.model.tuning == "full" and tiny.data.split.test_fraction == 0.15
     check_paths(tiny)  # the tiny default and bundled data are present
-    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["any_to_any.yaml", "base.yaml", "stage_1.yaml", "stage_2.yaml",
-                                                                 "stage_3.yaml", "tiny.yaml", "tiny_chain.yaml"]
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["any_to_any.yaml", "base.yaml", "small.yaml", "stage_1.yaml",
+                                                                 "stage_2.yaml", "stage_3.yaml", "tiny.yaml", "tiny_chain.yaml"]
 
 
 def test_published_deepspeed_values():

@@ -77,7 +77,9 @@ class LoraConfig:
     r: int = 32
     alpha: int = 32
     dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | None = None
+    """Module name suffixes LoRA adapts; null: the LLM family's attention projections
+    (``toollmm.model.families.LORA_TARGETS``; LLaMA's q/k/v/o as published); [all-linear]: every linear layer."""
 
 
 @dataclass
@@ -145,14 +147,16 @@ def embedding_shape(output: OutputModalityConfig) -> tuple[int, ...]:
 @dataclass
 class ModelConfig:
     llm_path: str = "pretrained_checkpoint/LLM_ckpt/vicuna_7b"
-    """Hugging Face LLaMA-family checkpoint folder (config.json, weights, tokenizer)."""
+    """Hugging Face causal-LM checkpoint folder (config.json, weights, tokenizer) of a family in
+    ``toollmm.model.families`` (LLaMA/Vicuna, Llama 3, Mistral, Qwen2, Gemma, Phi-3, ...)."""
     imagebind_path: str = "pretrained_checkpoint/imagebind_ckpt/huge/imagebind_huge.pth"
     """ImageBind state dict (the official imagebind_huge.pth layout)."""
     imagebind_size: Literal["huge", "tiny"] = "huge"
     """Architecture of the file at imagebind_path: huge (the official model) or the embedded tiny one."""
     tuning: Literal["lora", "full"] = "lora"
     """lora: the published recipe (LoRA on the LLM + input projector). full: the whole LLM
-    trains (only for the tiny random-init default, where LoRA on a random base cannot learn)."""
+    trains (the tiny random-init default, where LoRA on a random base cannot learn; a comparison
+    variant for the small pretrained one)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the LLM and of the DeepSpeed engine (fills the DeepSpeed config's fp16/bf16 sections)."""

@@ -33,6 +33,7 @@ import torch
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import RunConfig, resolve_path
 from toollmm.features import encoder_identity
+from toollmm.model.families import ALL_LINEAR, lora_targets
 from toollmm.model.imagebind import ImageBindConfig
 from toollmm.model.toollmm import build_model, checkpoint_tensors, load_trainable_state
 from toollmm.tokenization import load_tokenizer
@@ -163,8 +164,9 @@ def check_delta_structure(delta: dict[str, torch.Tensor], config: RunConfig, sou
             f"pass model.lora.r={r} (and model.lora.alpha as it was trained; the published recipe used alpha 32)"
         )
     delta_modules = {module for _, module in lora}
-    configured = set(model_config.lora.target_modules)
-    if lora and delta_modules != configured:
+    configured = lora_targets(model_config.lora, base.get("model_type", ""))
+    # all-linear names no modules up front: check_against_model compares the built model's names.
+    if lora and configured != ALL_LINEAR and delta_modules != set(configured):
         problems.append(
             f"the delta has LoRA on {sorted(delta_modules)} but model.lora.target_modules={sorted(configured)}: "
             f"pass model.lora.target_modules=[{','.join(sorted(delta_modules))}]"

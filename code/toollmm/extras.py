@@ -16,6 +16,7 @@ EXTRAS = {
     "av": "decoders",
     "gradio": "demo",
     "matplotlib": "plots",
+    "gguf": "small",
     "tensorboard": "tensorboard",
 }
 

@@ -103,10 +103,10 @@ def build_example(
 
     ``max_tgt_len`` caps the tokens after the media slot (query + answer), as the
     original's ``max_tgt_len`` did; the fixed prefix (BOS, ``### Human: <Img>``, slot)
-    is not counted.
+    is not counted. Tokenizers without a BOS token (Qwen2) start with ``### Human:``.
     """
     segments = prompt_segments(query, has_media)
-    prefix: list[int] = [tokenizer.bos_token_id]
+    prefix: list[int] = tokenizer.bos_ids()
     body: list[int] = []
     body_labels: list[int] = []
     for i, segment in enumerate(segments):

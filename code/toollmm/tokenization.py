@@ -7,6 +7,11 @@ no extra ``▁`` before existing ones; 546 of the 1917 bundled ToolMMBench evalu
 queries start with a space). So when the checkpoint ships ``tokenizer.model`` we encode
 segments with sentencepiece directly, and use the Hugging Face tokenizer for the rest
 (special tokens, decoding, checkpoints without a sentencepiece model).
+
+Byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2: ``tokenizer.json`` only) encode each segment
+with the Hugging Face tokenizer, without special tokens; they add no prefix space, so a
+segment's ids decode back to its text exactly (tests/test_bpe.py). Tokenizers without a BOS
+token (Qwen2) start prompts with the first segment.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 class PromptTokenizer:
-    """A Hugging Face tokenizer plus exact sentencepiece segment encoding."""
+    """A Hugging Face tokenizer plus exact segment encoding (sentencepiece's own when the folder has
+    ``tokenizer.model``, else the Hugging Face tokenizer's, e.g. byte-level BPE)."""
 
     def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, sp_model_file: Path | None):
         self.hf = hf_tokenizer
@@ -73,8 +79,12 @@ class PromptTokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
-    def bos_token_id(self) -> int:
+    def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
+
+    def bos_ids(self) -> list[int]:
+        """What a prompt starts with: the BOS token, or nothing for tokenizers without one (Qwen2)."""
+        return [] if self.hf.bos_token_id is None else [self.hf.bos_token_id]
 
     @property
     def eos_token_id(self) -> int:

@@ -84,6 +84,9 @@ def parse_args(argv):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decoding step (CUDA, --cache static; inference.compile)")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="answer N queries spread evenly over the selection (every len/N-th, in file order): "
+                             "a quicker estimate over all its files and modalities, where --limit takes the first file's")
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
                         help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
                              "then the longest answer's length); off = free generation")
@@ -114,6 +117,12 @@ def parse_args(argv):
             parser.error(f"--decoder {item!r}: expected MODALITY=DIR with MODALITY one of {', '.join(OUTPUT_MODALITIES)}")
         args.decoders[modality] = folder
     return args
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` evenly spaced, in order (every len/n-th, starting with the first); all of
+    them when ``n`` is 0 or at least their number."""
+    return [items[i * len(items) // n] for i in range(n)] if 0 < n < len(items) else items
 
 
 def read_prompts(args) -> list[str]:
@@ -261,6 +270,7 @@ def answer_queries(args) -> list[dict]:
                          "and why are logged above)")
     if args.limit:
         queries = queries[: args.limit]
+    queries = spread(queries, args.sample)
     if trie is not None:
         unreachable = sum(1 for q in queries if q.tools and not set(q.tools) & set(trie.tools))
         if unreachable:

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from toollmm.config import OUTPUT_MODALITIES, ModelConfig, resolve_path
+from toollmm.model.families import lora_targets
 from toollmm.model.projectors import build_output_projector
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID
 from toollmm.signal_tokens import SignalTokens, find_runs
@@ -271,7 +272,7 @@ def build_model(config: ModelConfig, encoder_dim: int, dtype: torch.dtype | None
                 r=config.lora.r,
                 lora_alpha=config.lora.alpha,
                 lora_dropout=config.lora.dropout,
-                target_modules=list(config.lora.target_modules),
+                target_modules=lora_targets(config.lora, llm.config.model_type),
             ),
             # PEFT would keep the adapters in fp32 under a bf16/fp16 base. DeepSpeed casts the
             # whole module to the training dtype under ZeRO-1/2 anyway, but not a ZeRO-3 model

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The small default (SmolLM2-135M-Instruct) on one GPU, the full published schedule (5 epochs of
+# 64, bf16), one tuning variant a call (each fits the device tool's 10-minute limit):
+#   bash bench/small_gpu.sh VARIANT [key=value overrides for train.sh ...]
+# VARIANT: published   LoRA r32/α32/0.1 on q/k/v/o, lr 5e-4 (small.yaml as is)
+#          all_linear  the same LoRA on every linear layer of the decoder
+#          rank128     LoRA r128/α128 on q/k/v/o (α/r = 1 as published)
+#          full        full fine-tuning of the LLM (+ projector), lr 1e-4
+#          lr2e-3      the published LoRA at lr 2e-3
+# Writes $OUT/small_<VARIANT>.json (the compare_runs.py row), its log, training metrics and reports.
+# Inputs on the GPU machine: wheels in .whl/ (deepspeed, decord, soundfile + their dependencies, gguf)
+# and the GGUF: GGUF=FILE, or its parts in build/gguf_parts/part_* (the builder checks the sha256
+# of the joined file). The converted folder stays under pretrained_checkpoint/ for the next call.
+set -euo pipefail
+variant=${1:?"usage: bash bench/small_gpu.sh published|all_linear|rank128|full|lr2e-3 [key=value ...]"}
+shift
+OUT=${OUT:-/tmp/small_gpu_out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/small_gpu_$variant.log") 2>&1
+t0=$SECONDS; phase() { echo "=== [$((SECONDS - t0)) s] $*"; }
+case $variant in
+  published) extra=() ;;
+  all_linear) extra=("model.lora.target_modules=[all-linear]") ;;
+  rank128) extra=(model.lora.r=128 model.lora.alpha=128) ;;
+  full) extra=(model.tuning=full train.learning_rate=0.0001) ;;
+  lr2e-3) extra=(train.learning_rate=0.002) ;;
+  *) echo "unknown variant $variant" >&2; exit 2 ;;
+esac
+
+phase "install wheels"
+source bench/device_env.sh
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+
+phase "build tiny ImageBind and the small default"
+python3 -m toollmm.tiny
+if ! python3 -c "import sys; from pathlib import Path; from toollmm.small import LLM_DIR, is_built; sys.exit(not is_built(Path(LLM_DIR)))"; then
+  gguf=${GGUF:-}
+  if [ -z "$gguf" ]; then
+    gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat build/gguf_parts/part_* > "$gguf"
+  fi
+  python3 -m toollmm.small --gguf "$gguf"
+fi
+
+run=/tmp/small_runs/$variant
+phase "train: $variant (${extra[*]:-small.yaml as is} $*)"
+rm -rf "$run"
+PYTHON=python3 NPROC=1 bash scripts/train.sh --stage 3 --config small model.dtype=bf16 train.micro_batch_size=64 \
+  train.gradient_accumulation_steps=1 train.output_dir="$run" "${extra[@]}" "$@"
+
+phase "inference: test (free), test (constrained, top 5), training queries"
+for split in test train; do
+  python3 code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
+done
+python3 code/inference.py --ckpt "$run/final" --split test --constrained --top-k 5 --output "$run/predictions_test_constrained.json"
+
+phase "evaluation"
+python3 code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_train.json" \
+  --output-dir "$run/eval_train" --title "small default, $variant, training queries"
+python3 code/evaluate.py --ckpt "$run/final" --labels free constrained \
+  --predictions "$run/predictions_test.json" "$run/predictions_test_constrained.json" \
+  --output-dir "$run/eval_test" --title "small default, $variant, test queries"
+python3 bench/compare_runs.py "$variant=$run" --json "$OUT/small_$variant.json"
+mkdir -p "$OUT/$variant"
+cp -r "$run/metrics.jsonl" "$run/config.yaml" "$run/eval_test" "$run/eval_train" "$OUT/$variant/"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+phase "end"
