@@ -535,8 +535,9 @@ def validate(config: RunConfig) -> None:
     check_ranges(config)
     if config.model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} is not one of {list(ATTENTION)}")
-    if config.model.tuning == "lora" and not config.model.lora.target_modules:
-        raise ConfigError("model.lora.target_modules is empty: name the LLM's linear layers LoRA adapts (e.g. [q_proj, v_proj])")
+    if config.model.tuning == "lora" and config.model.lora.target_modules == []:
+        raise ConfigError("model.lora.target_modules is empty: name the LLM's linear layers LoRA adapts (e.g. [q_proj, v_proj]), "
+                          "or set it to null for the LLM family's row")
     if not 0.0 <= config.data.split.test_fraction < 1.0:
         raise ConfigError(f"data.split.test_fraction must be in [0, 1), got {config.data.split.test_fraction}")
     if t.stage == 3 and not (config.data.train_files or config.data.instruction_files):
@@ -624,12 +625,21 @@ def check_lora_targets(model: ModelConfig, llm: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from toollmm.model.families import ALL_LINEAR, lora_targets
+
+    llm_config = AutoConfig.from_pretrained(llm)
+    try:
+        targets = lora_targets(model.lora, llm_config.model_type)
+    except ValueError as err:  # a family without a row and no override
+        raise ConfigError(f"model.lora.target_modules: {err}") from None
+    if targets == ALL_LINEAR:
+        return
     with torch.device("meta"):
-        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm))
+        empty = AutoModelForCausalLM.from_config(llm_config)
     full = [name for name, m in empty.named_modules() if isinstance(m, torch.nn.Linear)]
     linear = sorted({name.rsplit(".", 1)[-1] for name in full})
     # PEFT matches a name against the end of a module's dotted path.
-    unknown = [t for t in model.lora.target_modules if not any(n == t or n.endswith("." + t) for n in full)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in full)]
     if unknown:
         raise ConfigError(f"model.lora.target_modules: {unknown} are not linear layers of {llm}; its linear layers "
                           f"are {linear}")
