@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -20,13 +21,22 @@ from toollmm.extras import install_hint, is_installed
 log = logging.getLogger(__name__)
 
 
+def _free_port() -> int:
+    # A port the kernel hands out as free; a fixed or pid-derived one can be taken (or in
+    # TIME_WAIT) when several runs start on one machine.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """One process per device, launched by torchrun/deepspeed (or a single plain process)."""
     import deepspeed
 
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # a plain single process: no launcher chose one
+        os.environ["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
