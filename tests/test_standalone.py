@@ -153,7 +153,10 @@ def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOOLLMM_ROOT", "VIRTUAL_ENV")}
+    # Without this process's rendezvous settings: a test that ran DeepSpeed in-process left
+    # MASTER_PORT pointing at the store it still listens on.
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOOLLMM_ROOT", "VIRTUAL_ENV", *launcher)}
     where = subprocess.run([str(python), "-c", "import toollmm.config as c; print(c.CONFIG_DIR)"], cwd=elsewhere,
                            capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert where.startswith(site) and Path(where, "tiny.yaml").is_file() and Path(where, "dsconfig", "stage_3.json").is_file()
