@@ -21,9 +21,9 @@ MEDIA = DATA / "assets"
 @pytest.fixture(autouse=True)
 def no_training(monkeypatch):
     """A case that passed validation would go on to train: it fails here instead."""
-    from toollmm.cli import train
+    from toollmm import recipe
 
-    monkeypatch.setattr(train, "init_distributed", lambda: pytest.fail("passed validation and reached the model"))
+    monkeypatch.setattr(recipe, "init_distributed", lambda: pytest.fail("passed validation and reached the model"))
 
 
 def exit_of(main, argv: list[str], capsys) -> tuple[int, str]:
