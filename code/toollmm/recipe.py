@@ -114,7 +114,7 @@ class TrainingRecipe:
             logging.getLogger().setLevel(logging.WARNING)
         seed_everything(config.train.seed + self.rank)
         if self.is_main:
-            # The lock is held until the process ends, however it ends.
+            # Held while the recipe lives; the kernel drops it when the process ends, however it ends.
             self.lock = open_run_folder(self.out_dir, config, earlier_run)
             log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
