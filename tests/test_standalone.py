@@ -67,10 +67,10 @@ def test_readme_is_short_and_docs_speak_to_users():
 def test_packaged_configs_are_found_by_name_and_paths_win():
     from toollmm.config import ConfigError, find_config_file, packaged_configs
 
-    assert packaged_configs() == ["any_to_any", "small", "tiny", "tiny_chain"]
+    assert packaged_configs() == ["any_to_any", "small", "small_published", "tiny", "tiny_chain"]
     assert find_config_file("tiny") == find_config_file("tiny.yaml") == CONFIGS / "tiny.yaml"
     assert find_config_file(str(TINY_CONFIG)) == TINY_CONFIG
-    with pytest.raises(ConfigError, match="config file tiniest does not exist .*packaged configs: any_to_any, small, tiny, tiny_chain"):
+    with pytest.raises(ConfigError, match="config file tiniest does not exist .*packaged configs: any_to_any, small, small_published, tiny, tiny_chain"):
         find_config_file("tiniest")
 
 
@@ -163,7 +163,7 @@ def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
 
     train = venv / "bin" / "toollmm-train"
     helped = subprocess.run([str(train), "--help"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
-    assert helped.returncode == 0 and "packaged config's name (any_to_any, small, tiny, tiny_chain)" in " ".join(helped.stdout.split())
+    assert helped.returncode == 0 and "packaged config's name (any_to_any, small, small_published, tiny, tiny_chain)" in " ".join(helped.stdout.split())
 
     # One epoch of the tiny config over the 120 bundled media rows, from another folder: the
     # checkpoints and data come from the clone through TOOLLMM_ROOT, the configs from the package.
