@@ -40,6 +40,8 @@ class CaptionTarget:
 
 @dataclass
 class Record:
+    """One row of a data file, media resolved; a reader fills the fields its format has."""
+
     id: str
     """ToolMMBench: ``<file stem>:<input modality>/<row id>`` (published ids repeat across
     modalities); caption files: ``<file stem>/<row index>``."""

@@ -8,7 +8,6 @@ with a ``tools`` list. Rows that cannot be used are counted by reason in a
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from toollmm.data.records import (
@@ -28,11 +27,8 @@ from toollmm.data.records import (
 from toollmm.evaluate import normalize_ambiguity, normalize_flag
 from toollmm.modalities import MODALITIES
 
-log = logging.getLogger(__name__)
-
 INPUT_MODALITIES = ("text", *MODALITIES)
-MISSING_MEDIA = ("skip", "text_only", "error", "keep")
-
+# The record types and the report live in records.py; named here too, beside the reader that returns them.
 __all__ = ["DataFileError", "DataReport", "MediaRef", "MissingMediaError", "Record", "NOT_UTF8", "OUTSIDE_ROOT",
            "UNREADABLE_FILE", "read_toolmmbench", "skip_file", "tool_catalogue"]
 
