@@ -78,7 +78,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.skipped: Counter = Counter()
         for record in records:
             tokens = build_example(tokenizer, record.query, bool(record.media), record.answer, max_tgt_len)
-            problem = self._problem(tokens, record, tokenizer, signal, max_tgt_len)
+            problem = self._problem(tokens, record, tokenizer, signal)
             if problem:
                 self.skipped[problem] += 1
                 if report is not None:
@@ -94,8 +94,7 @@ class InstructionDataset(torch.utils.data.Dataset):
             log.warning("skipped %d examples: %s", sum(self.skipped.values()), dict(self.skipped))
 
     @staticmethod
-    def _problem(tokens: Example, record: Record, tokenizer: PromptTokenizer, signal: SignalTokens | None,
-                 max_tgt_len: int) -> str | None:
+    def _problem(tokens: Example, record: Record, tokenizer: PromptTokenizer, signal: SignalTokens | None) -> str | None:
         """Why the example cannot train, or None."""
         if all(label == IGNORE_INDEX for label in tokens.labels):
             return "answer cut entirely by max_tgt_len (over-long query)"
