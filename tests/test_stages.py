@@ -15,8 +15,8 @@ from toollmm.caption_embeddings import CaptionEmbeddingMismatch, CaptionEmbeddin
 from toollmm.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
 from toollmm.config import ConfigError, embedding_shape, load_config
 from toollmm.data.dataset import Collator, InstructionDataset
-from toollmm.data.stages import CaptionTarget, Item, caption_items, instruction_items
-from toollmm.data.toolmmbench import DataReport
+from toollmm.data.records import CaptionTarget, DataReport, Record
+from toollmm.data.stages import caption_items, instruction_items
 from toollmm.model.projectors import LinearProjector, TransformerProjector
 from toollmm.model.toollmm import SIGNAL_ROWS, build_model, checkpoint_state, optimizer_groups
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID, STOP_STRING, build_example
@@ -157,16 +157,18 @@ def test_train_rows_all_trains_every_vocabulary_row_with_weight_decay(signal_tok
 
 
 def collate(tokenizer, examples):
+    """The model inputs of a padded batch; its bookkeeping stays beside them."""
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
-    assert batch.pop("record_ids") == [e.record_id for e in examples]
-    assert batch.pop("real_tokens") == sum(len(e.input_ids) for e in examples)
-    return batch
+    assert batch.record_ids == [e.record_id for e in examples]
+    assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
+    assert set(batch.inputs) <= {"input_ids", "labels", "slot_features", "target_image", "target_video", "target_audio"}
+    return batch.inputs
 
 
 def dataset_item(tokenizer, signal, modality, caption="a dog runs on the beach"):
     shape = embedding_shape(stage_config(2).model.outputs.modality(modality))
     store = FixedStore(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-    item = Item("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
+    item = Record("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
                 target=CaptionTarget(modality, store, "x.npy"))
     return InstructionDataset([item], tokenizer, {}, 512, signal)[0]
 
@@ -257,11 +259,11 @@ def test_runs_cut_short_are_counted_and_skipped(signal_tokenizer):
     long_query = next(q for q in ("a cat " * n for n in range(1, 80))
                       if 60 < len(build_example(tokenizer, q, False, None, 1 << 30).input_ids) < 70)
     items = [
-        Item("whole", "a cat", video + STOP_STRING, target=CaptionTarget("video", store, "a.npy")),
-        Item("long", long_query, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
-        Item("broken", "a cat", run_text("video", 10) + STOP_STRING, target=CaptionTarget("video", store, "c.npy")),
-        Item("orphan", "a cat", video + STOP_STRING),
-        Item("text", "a cat", "a cat" + STOP_STRING),
+        Record("whole", "a cat", video + STOP_STRING, target=CaptionTarget("video", store, "a.npy")),
+        Record("long", long_query, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
+        Record("broken", "a cat", run_text("video", 10) + STOP_STRING, target=CaptionTarget("video", store, "c.npy")),
+        Record("orphan", "a cat", video + STOP_STRING),
+        Record("text", "a cat", "a cat" + STOP_STRING),
     ]
     report = DataReport(rows=5, used=5)
     dataset = InstructionDataset(items, tokenizer, {}, 80, signal, report)

@@ -50,8 +50,9 @@ from toollmm.media import set_limits as set_media_limits
 from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
-from toollmm.data.split import Query, group_queries
-from toollmm.data.toolmmbench import DataFileError, DataReport, read_toolmmbench
+from toollmm.data.records import DataFileError, DataReport, Record
+from toollmm.data.split import group_queries
+from toollmm.data.toolmmbench import read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
@@ -213,7 +214,7 @@ def check_data_file(path: Path, media_root: Path) -> None:
         raise SystemExit(f"inference: --data {path}: none of its {report.rows} rows is usable ({reason}: {examples[0]})")
 
 
-def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
+def select_queries(args, config, splits: Splits | None = None) -> list[Record]:
     """``--data``'s queries, or those of the checkpoint config's split (``splits``: that config's
     ``load_splits``, when the caller has read it already)."""
     if args.data is not None:
@@ -279,22 +280,20 @@ def answer_queries(args) -> list[dict]:
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     report = DataReport(rows=len(queries), used=len(queries))
-    kept, features = featurize([q.record for q in queries], encoder, cache, report)
-    kept_records = {id(r) for r in kept}  # by object: two rows may share an id, one decodable and one not
-    queries = [q for q in queries if id(q.record) in kept_records]
+    queries, features = featurize(queries, encoder, cache, report)
     del encoder
     if report.skipped:
         log.warning("%s", report.summary())
 
-    examples = [build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len) for q in queries]
+    examples = [build_example(tokenizer, q.query, bool(q.media), None, config.data.max_tgt_len) for q in queries]
     prompts = [torch.tensor(e.input_ids) for e in examples]
-    cut = [q.record.id for q, e in zip(queries, examples) if e.truncated]
+    cut = [q.id for q, e in zip(queries, examples) if e.truncated]
     if cut:
         # The prompt then ends inside the query, before "### Assistant:": the answer is a guess.
         log.warning("%d of %d queries are longer than data.max_tgt_len=%d tokens and were cut before the answer "
                     "prompt (e.g. %s); their answers are unreliable", len(cut), len(queries), config.data.max_tgt_len,
                     ", ".join(map(str, cut[:3])))
-    query_features = [record_feature(q.record, features) for q in queries]
+    query_features = [record_feature(q, features) for q in queries]
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     start = time.perf_counter()
     responses = generate_responses(
@@ -317,16 +316,16 @@ def answer_queries(args) -> list[dict]:
         log.info("top-%d (%s) in %.1f s", settings.top_k, settings.top_k_method, time.perf_counter() - start)
     rows = [
         {
-            "question_id": q.record.id,
-            "questions": q.record.query,
+            "question_id": q.id,
+            "questions": q.query,
             "response": response,
             "tool": parse_answer(response),
-            "input_modality": q.record.input_modality,
+            "input_modality": q.input_modality,
             "acceptable": q.tools,
             # For the evaluation's breakdowns.
-            "ambiguity": normalize_ambiguity(q.record.ambiguity),
-            "ifambiguity": q.record.ifambiguity,
-            "onetomulti": q.record.onetomulti,
+            "ambiguity": normalize_ambiguity(q.ambiguity),
+            "ifambiguity": q.ifambiguity,
+            "onetomulti": q.onetomulti,
             **({"top_k": top_k[i]} if top_k is not None else {}),
         }
         for i, (q, response) in enumerate(zip(queries, responses))

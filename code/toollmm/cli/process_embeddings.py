@@ -37,8 +37,8 @@ from toollmm.caption_embeddings import (
     shape_text,
 )
 from toollmm.config import OUTPUT_MODALITIES, ConfigError, embedding_shape, load_config, resolve_path
-from toollmm.data.captions import CaptionRecord, read_caption_file
-from toollmm.data.toolmmbench import DataReport
+from toollmm.data.captions import read_caption_file
+from toollmm.data.records import DataReport, Record
 from toollmm.features import DTYPES
 
 log = logging.getLogger("toollmm.process_embeddings")
@@ -100,7 +100,7 @@ def config_jobs(args) -> list[Job]:
     return jobs
 
 
-def read_captions(job: Job) -> tuple[list[CaptionRecord], DataReport]:
+def read_captions(job: Job) -> tuple[list[Record], DataReport]:
     if not job.captions.is_file():
         raise ConfigError(f"{job.where}.path: {job.captions} does not exist")
     try:
@@ -119,7 +119,7 @@ def check_shape(job: Job, encoder: CaptionEncoder) -> None:
         )
 
 
-def embed_file(job: Job, records: list[CaptionRecord], report: DataReport, encoder: CaptionEncoder,
+def embed_file(job: Job, records: list[Record], report: DataReport, encoder: CaptionEncoder,
                batch_size: int, overwrite: bool, progress: bool) -> dict:
     """Embed the captions of one file that are not in its folder yet; returns the file's summary."""
     store = CaptionEmbeddingStore.for_writing(job.out, identity=encoder.identity, shape=encoder.out_shape,

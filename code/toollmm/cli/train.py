@@ -42,11 +42,10 @@ from toollmm.data.dataset import (
     LengthGroupedBatchSampler,
     PackingCollator,
     PublishedBatchSampler,
-    tool_items,
 )
-from toollmm.data.split import training_pairs
+from toollmm.data.records import DataReport
+from toollmm.data.split import training_records
 from toollmm.data.stages import caption_items, instruction_items
-from toollmm.data.toolmmbench import DataReport
 from toollmm.engine import (
     CHECKPOINT_NAME,
     COMPLETE,
@@ -141,7 +140,7 @@ def train(argv: list[str] | None = None) -> Path:
             report.merge(splits.report)
             tool_records = splits.train
             if config.train.held_out_tools:
-                test_items = tool_items(training_pairs(splits.test))
+                test_items = training_records(splits.test)
         items = instruction_items(config, report)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     # Rank 0 fills the cache first and the other ranks then only read it: otherwise every rank
@@ -160,7 +159,7 @@ def train(argv: list[str] | None = None) -> Path:
     # Seeded again: extracting the features a cold cache misses (rank 0 only) draws from the RNG,
     # and the model's initialisation and dropout must not depend on how warm the cache was.
     seed_everything(config.train.seed + rank)
-    items = tool_items(training_pairs(tool_records, config.data.duplicate_rows == "keep")) + items
+    items = training_records(tool_records, config.data.duplicate_rows == "keep") + items
     dataset = InstructionDataset(items, tokenizer, features, config.data.max_tgt_len, signal, report)
     test_set = InstructionDataset(test_items, tokenizer, features, config.data.max_tgt_len, signal, report)
     if is_main:
@@ -281,9 +280,9 @@ def train(argv: list[str] | None = None) -> Path:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue  # already trained on before the resumed checkpoint
-            batch_ids, batch_tokens = batch.pop("record_ids"), batch.pop("real_tokens")
+            batch_ids, batch_tokens = batch.record_ids, batch.real_tokens
             batch_examples = len(batch_ids)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.inputs.items()}
             if config.train.checkpoint_above_tokens and not config.train.gradient_checkpointing:
                 model.set_activation_checkpointing(batch["input_ids"].numel() > config.train.checkpoint_above_tokens)
             out = engine(**batch)
@@ -515,8 +514,7 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch.pop("record_ids"), batch.pop("real_tokens")
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).inputs
         out = engine(**{k: v.to(device) for k, v in batch.items()})
         rows = batch["input_ids"].shape[0]
         answer_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
