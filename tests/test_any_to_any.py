@@ -19,8 +19,9 @@ from toollmm.assistant import Assistant, Reply, normalize_runs, parse_prompt
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import load_config
 from toollmm.data.toolmmbench import MediaRef
-from toollmm.decoders import MediaDecoder, write_mp4
+from toollmm.decoders import MediaDecoder
 from toollmm.model.toollmm import build_model
+from toollmm.output_modalities import write_mp4
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tiny_decoders import build_tiny_decoders
 from toollmm.tokenization import load_tokenizer

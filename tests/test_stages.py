@@ -13,7 +13,7 @@ from torch import nn
 from conftest import DATA, TINY_LLM
 from toollmm.caption_embeddings import CaptionEmbeddingMismatch, CaptionEmbeddingStore
 from toollmm.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
-from toollmm.config import ConfigError, embedding_shape, load_config
+from toollmm.config import ConfigError, load_config
 from toollmm.data.dataset import Collator, InstructionDataset
 from toollmm.data.stages import CaptionTarget, Item, caption_items, instruction_items
 from toollmm.data.toolmmbench import DataReport
@@ -164,7 +164,7 @@ def collate(tokenizer, examples):
 
 
 def dataset_item(tokenizer, signal, modality, caption="a dog runs on the beach"):
-    shape = embedding_shape(stage_config(2).model.outputs.modality(modality))
+    shape = stage_config(2).model.outputs.target_shape(modality)
     store = FixedStore(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     item = Item("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
                 target=CaptionTarget(modality, store, "x.npy"))
@@ -208,7 +208,7 @@ def test_projector_outputs_have_each_decoders_shape(signal_tokenizer, mode):
         assert model.output_projectors[modality](hidden, embeds).shape == shape
     # Stored targets (AudioLDM's is one 512-vector) fit the projector's output.
     batch = collate(tokenizer, [dataset_item(tokenizer, signal, m) for m in expected])
-    assert batch["target_audio"].shape == (1, 512) and batch["target_video"].shape == (1, 77, 1024)
+    assert batch["targets"]["audio"].shape == (1, 512) and batch["targets"]["video"].shape == (1, 77, 1024)
     out = model(**batch)
     assert {"mse_image", "mse_video", "mse_audio", "l2_image"} <= set(out)
 
@@ -225,7 +225,7 @@ def test_alignment_loss_is_the_published_l2_and_scaled(signal_tokenizer):
     out = model(**batch)
     hidden_states = model.llm(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
     prediction = model.project_runs("image", hidden_states, model.embed_inputs(batch["input_ids"], None), batch["labels"])
-    distance = (prediction - batch["target_image"]).pow(2).sum(-1).sqrt().mean()
+    distance = (prediction - batch["targets"]["image"]).pow(2).sum(-1).sqrt().mean()
     torch.testing.assert_close(out["l2_image"], distance)
     lm = torch.nn.functional.cross_entropy(out["logits"][0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out["loss"], lm + 2.0 * distance)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from toollmm.config import OUTPUT_MODALITIES
 from toollmm.data.stages import CaptionTarget, Item
 from toollmm.data.toolmmbench import DataReport, MediaRef, Record
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, build_example, format_answer
 from toollmm.signal_tokens import SignalTokens, check_runs
 from toollmm.tokenization import PromptTokenizer
@@ -125,9 +125,19 @@ class InstructionDataset(torch.utils.data.Dataset):
         return replace(example, target_value=torch.from_numpy(example.target.store.load(example.target.name)))
 
 
+def stack_targets(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Output modality → its examples' caption embeddings stacked in row order: the model's
+    ``targets`` (a modality without a run in the batch is absent)."""
+    by_modality: dict[str, list[torch.Tensor]] = {}
+    for e in examples:
+        if e.target is not None:
+            by_modality.setdefault(e.target.modality, []).append(e.target_value)
+    return {m: torch.stack(by_modality[m]) for m in OUTPUT_MODALITIES if m in by_modality}
+
+
 class Collator:
     """Right padding (pad = EOS, as the original) and the caption embeddings of each output
-    modality in row order (``target_<modality>``).
+    modality in row order (``targets``, see ``stack_targets``).
 
     No attention mask: under causal attention a real token never sees the padding to its right,
     so the mask changes nothing that the loss reads (the padding's own outputs carry no label).
@@ -153,10 +163,7 @@ class Collator:
             "record_ids": [e.record_id for e in examples],
             "real_tokens": int(lengths.sum()),
         }
-        for modality in OUTPUT_MODALITIES:
-            targets = [e.target_value for e in examples if e.target is not None and e.target.modality == modality]
-            if targets:
-                batch[f"target_{modality}"] = torch.stack(targets)
+        batch["targets"] = stack_targets(examples)
         return batch
 
 
@@ -221,10 +228,7 @@ class PackingCollator(Collator):
             "record_ids": [e.record_id for e in ordered],
             "real_tokens": sum(used),
         }
-        for modality in OUTPUT_MODALITIES:
-            targets = [e.target_value for e in ordered if e.target is not None and e.target.modality == modality]
-            if targets:
-                batch[f"target_{modality}"] = torch.stack(targets)
+        batch["targets"] = stack_targets(ordered)
         return batch
 
 
