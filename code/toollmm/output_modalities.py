@@ -163,8 +163,8 @@ def write_mp4(frames, path: Path, fps: int = VIDEO_FPS) -> Path:
 
 DIFFUSION_CKPT = "pretrained_checkpoint/diffusion_ckpt"
 
-# Guidance 7.5 for all three decoders is MediaDecoder.decode's default. Height and width stay the
-# decoder's own (NExT-GPT asked Zeroscope for 320 × 576: pass height/width to decode for that).
+# decode_options are NExT-GPT's demo values. Height and width stay the decoder's own (NExT-GPT
+# asked Zeroscope for 320 × 576: pass height/width to MediaDecoder.decode for that).
 OUTPUT_MODALITIES: dict[str, OutputModality] = {
     m.name: m
     for m in (
@@ -185,7 +185,7 @@ OUTPUT_MODALITIES: dict[str, OutputModality] = {
             name="audio", token_prefix="AUD", signal_tokens=8, target_tokens=1, target_dim=512,
             decoder_path=f"{DIFFUSION_CKPT}/audioldm-l-full", pipeline="AudioLDMPipeline",
             text_encoding=CLAP_POOLED, empty_prompt=encode_empty_prompt_audioldm,
-            decode_options=MappingProxyType({"audio_length_in_s": 9.0}),  # 9 s, NExT-GPT's demo
+            decode_options=MappingProxyType({"audio_length_in_s": 9.0}),
             suffix=".wav", write=write_audio, display="Audio", nextgpt_projector="gen_text_hidden_fcs_audio.0.",
         ),
     )
