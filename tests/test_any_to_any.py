@@ -19,8 +19,9 @@ from toollmm.assistant import Assistant, Reply, normalize_runs, parse_prompt
 from toollmm.checkpoint import save_checkpoint
 from toollmm.config import load_config
 from toollmm.data.toolmmbench import MediaRef
-from toollmm.decoders import MediaDecoder, write_mp4
+from toollmm.decoders import MediaDecoder
 from toollmm.model.toollmm import build_model
+from toollmm.output_modalities import write_mp4
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tiny_decoders import build_tiny_decoders
 from toollmm.tokenization import load_tokenizer
@@ -201,7 +202,7 @@ def test_run_cut_short_is_completed_with_a_warning(assistant, monkeypatch):
 
 
 def test_missing_or_failing_decoder_is_a_warning_not_an_error(checkpoint, decoders, tmp_path, monkeypatch):
-    # The image decoder is Zeroscope's folder: 1024-wide conditioning where the projector gives 768.
+    # The image decoder is Zeroscope's folder (a video pipeline, 1024-wide where the projector gives 768).
     assistant = Assistant(checkpoint, device="cpu", decoders={"video": str(tmp_path / "nowhere"), "image": str(decoders["video"])},
                           output_dir=tmp_path, steps=1)
     signal, tokenizer = assistant.model.signal, assistant.tokenizer
@@ -210,6 +211,8 @@ def test_missing_or_failing_decoder_is_a_warning_not_an_error(checkpoint, decode
     reply = assistant.reply("Make a video")
     assert reply.text == "A clip" and reply.media == [] and len(reply.warnings) == 2
     assert "no video decoder at" in reply.warnings[1] and "image decoder at" in reply.warnings[0]
+    # The folder's pipeline class is checked against the modality's registry entry before it loads.
+    assert "holds a TextToVideoSDPipeline, but the image decoder is a StableDiffusionPipeline" in reply.warnings[0]
 
 
 def test_tool_mode_answers_from_the_catalogue(assistant):

@@ -111,6 +111,29 @@ def test_stage_configs_and_partial_sections_keep_their_defaults():
         load_config(1, overrides=["model.outputs.enabled=false"])
 
 
+def test_outputs_sections_follow_the_output_modality_registry():
+    from typing import get_type_hints
+
+    from toollmm.config import OutputModalityConfig, OutputsConfig
+    from toollmm.output_modalities import OUTPUT_MODALITIES
+
+    sections = [name for name, hint in get_type_hints(OutputsConfig).items() if hint is OutputModalityConfig]
+    assert sections == list(OUTPUT_MODALITIES) == ["image", "video", "audio"]
+    outputs = load_config(3).model.outputs
+    for name, entry in OUTPUT_MODALITIES.items():
+        section = outputs.modality(name)
+        assert (section.signal_tokens, section.target_tokens, section.target_dim, section.decoder_path) == \
+            (entry.signal_tokens, entry.target_tokens, entry.target_dim, entry.decoder_path)
+    assert [outputs.target_shape(m) for m in OUTPUT_MODALITIES] == [(77, 768), (77, 1024), (512,)]
+    with pytest.raises(ConfigError, match=r"model\.outputs\.audio\.target_tokens must be 1: the audio decoder "
+                                          r"\(AudioLDMPipeline\) is conditioned on one 512-d vector, got 77"):
+        load_config(3, overrides=["model.outputs.audio.target_tokens=77"])
+    with pytest.raises(ConfigError, match=r"model\.outputs\.video\.signal_tokens must be at least 1, got 0"):
+        load_config(3, overrides=["model.outputs.video.signal_tokens=0"])
+    with pytest.raises(ConfigError, match=r"model\.outputs\.image\.loss_scale must be at least 0, got -1\.0"):
+        load_config(3, overrides=["model.outputs.image.loss_scale=-1"])
+
+
 def test_offload_and_packing_keys():
     config = load_config(3, overrides=["train.offload_optimizer=true", "train.packing=true", "train.pack_length=512"])
     ds = deepspeed_config(config, world_size=1, total_steps=10)

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import DATA, TINY_LLM
 from toollmm.caption_embeddings import CaptionEmbeddingMismatch, CaptionEmbeddingStore
 from toollmm.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
-from toollmm.config import ConfigError, embedding_shape, load_config
+from toollmm.config import ConfigError, load_config
 from toollmm.data.dataset import Collator, InstructionDataset
 from toollmm.data.records import CaptionTarget, DataReport, Record
 from toollmm.data.stages import caption_items, instruction_items
@@ -161,12 +161,12 @@ def collate(tokenizer, examples):
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
     assert batch.record_ids == [e.record_id for e in examples]
     assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
-    assert set(batch.inputs) <= {"input_ids", "labels", "slot_features", "target_image", "target_video", "target_audio"}
+    assert set(batch.inputs) == {"input_ids", "labels", "slot_features", "targets"}
     return batch.inputs
 
 
 def dataset_item(tokenizer, signal, modality, caption="a dog runs on the beach"):
-    shape = embedding_shape(stage_config(2).model.outputs.modality(modality))
+    shape = stage_config(2).model.outputs.target_shape(modality)
     store = FixedStore(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     item = Record("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
                 target=CaptionTarget(modality, store, "x.npy"))
@@ -210,7 +210,7 @@ def test_projector_outputs_have_each_decoders_shape(signal_tokenizer, mode):
         assert model.output_projectors[modality](hidden, embeds).shape == shape
     # Stored targets (AudioLDM's is one 512-vector) fit the projector's output.
     batch = collate(tokenizer, [dataset_item(tokenizer, signal, m) for m in expected])
-    assert batch["target_audio"].shape == (1, 512) and batch["target_video"].shape == (1, 77, 1024)
+    assert batch["targets"]["audio"].shape == (1, 512) and batch["targets"]["video"].shape == (1, 77, 1024)
     out = model(**batch)
     assert {"mse_image", "mse_video", "mse_audio", "l2_image"} <= set(out)
 
@@ -227,7 +227,7 @@ def test_alignment_loss_is_the_published_l2_and_scaled(signal_tokenizer):
     out = model(**batch)
     hidden_states = model.llm(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
     prediction = model.project_runs("image", hidden_states, model.embed_inputs(batch["input_ids"], None), batch["labels"])
-    distance = (prediction - batch["target_image"]).pow(2).sum(-1).sqrt().mean()
+    distance = (prediction - batch["targets"]["image"]).pow(2).sum(-1).sqrt().mean()
     torch.testing.assert_close(out["l2_image"], distance)
     lm = torch.nn.functional.cross_entropy(out["logits"][0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out["loss"], lm + 2.0 * distance)

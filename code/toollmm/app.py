@@ -24,6 +24,7 @@ import torch
 
 from toollmm.config import project_root
 from toollmm.extras import MissingExtraError, require
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 try:
     gr = require("gradio", "the demo")
@@ -117,7 +118,8 @@ class Demo:
         self.lock = threading.Lock()
 
     def respond(self, message: dict, history: list, mode: str, top_k: int):
-        """Chat handler: yields (history, textbox, tool, tool table, image, video, audio) as the answer streams.
+        """Chat handler: yields (history, textbox, tool, tool table, then one generated file per output
+        modality: image, video, audio) as the answer streams.
 
         Every failure ends as a warning and a line in the chat, never as a traceback in the page.
         """
@@ -126,7 +128,7 @@ class Demo:
         files = (message or {}).get("files", [])
         if not text:
             gr.Warning("Type a question (a file alone is not a query).")
-            yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield self._unchanged(history)
             return
         history += [{"role": "user", "content": {"path": path}} for path in files]
         history.append({"role": "user", "content": text})
@@ -141,7 +143,7 @@ class Demo:
             for partial, reply in stream_reply(self.assistant, self.lock, text, media, mode, int(top_k)):
                 history[-1] = {"role": "assistant", "content": reply.text if reply else partial}
                 if reply is None:
-                    yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    yield self._unchanged(history)
         except Exception as err:
             log.exception("reply failed")
             history.pop()
@@ -152,15 +154,20 @@ class Demo:
         rows = [[t["tool"], round(t["score"], 3)] for t in reply.tools if t["score"] is not None]  # none at top k 1
         tool = reply.tool or "(none: the answer names no tool)"
         tool, table = (tool, gr.update(value=rows, visible=bool(rows))) if mode == "tool" else no_tool
-        yield (history, None, tool, table,
-               _media_update(reply, "image"), _media_update(reply, "video"), _media_update(reply, "audio"))
+        yield history, None, tool, table, *(_media_update(reply, m) for m in OUTPUT_MODALITIES)
+
+    @staticmethod
+    def _unchanged(history: list) -> tuple:
+        """The outputs while an answer streams: the chat, every other output as it is."""
+        return history, gr.skip(), gr.skip(), gr.skip(), *(gr.skip() for _ in OUTPUT_MODALITIES)
 
     @staticmethod
     def _failed(history: list, message: str):
         """The outputs for a request that got no answer: the message as a warning and in the chat."""
         gr.Warning(message)
         history.append({"role": "assistant", "content": f"⚠️ {message}"})
-        return history, gr.skip(), "", gr.update(value=[], visible=False), *(gr.update(visible=False),) * 3
+        hidden = (gr.update(visible=False) for _ in OUTPUT_MODALITIES)
+        return history, gr.skip(), "", gr.update(value=[], visible=False), *hidden
 
     def build(self) -> gr.Blocks:
         accepted = [s for suffixes in ALLOWED_SUFFIXES.values() for s in suffixes]
@@ -178,11 +185,10 @@ class Demo:
                     tool = gr.Textbox(label="Chosen tool", interactive=False, elem_id="tool")
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="Most probable tools", interactive=False,
                                          column_widths=["72%", "28%"], visible=False, elem_id="tools")
-                    image = gr.Image(label="Generated image", visible=False, interactive=False)
-                    video = gr.Video(label="Generated video", visible=False, interactive=False)
-                    audio = gr.Audio(label="Generated audio", visible=False, interactive=False)
-                    gr.ClearButton([chat, box, tool, table, image, video, audio])
-            box.submit(self.respond, [box, chat, mode, top_k], [chat, box, tool, table, image, video, audio])
+                    media = [getattr(gr, entry.display)(label=f"Generated {name}", visible=False, interactive=False)
+                             for name, entry in OUTPUT_MODALITIES.items()]
+                    gr.ClearButton([chat, box, tool, table, *media])
+            box.submit(self.respond, [box, chat, mode, top_k], [chat, box, tool, table, *media])
         return page
 
 

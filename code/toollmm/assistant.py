@@ -34,13 +34,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
-from toollmm.config import OUTPUT_MODALITIES, resolve_path
+from toollmm.config import resolve_path
 from toollmm.data.toolmmbench import MediaRef
 from toollmm.decoders import MediaDecoder
 from toollmm.generate import beam_top_k, generate_responses, left_pad, rank_tools, score_catalogue
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
 from toollmm.model.toollmm import ToolLMM
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, MODES, STOP_STRING, build_example, parse_answer
 
 log = logging.getLogger(__name__)

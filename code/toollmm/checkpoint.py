@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from toollmm.config import RunConfig, config_from_dict, resolve_path
 from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, avoid_cudnn_attention, build_model, checkpoint_state, load_trainable_state
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
 
@@ -59,7 +60,7 @@ def outputs_identity(model: ToolLMM, config: RunConfig) -> dict | None:
     return {
         "signal_tokens": model.signal.to_dict(),
         "projector": outputs["projector"],
-        "targets": {m: [outputs[m]["target_tokens"], outputs[m]["target_dim"]] for m in ("image", "video", "audio")},
+        "targets": {m: [outputs[m]["target_tokens"], outputs[m]["target_dim"]] for m in OUTPUT_MODALITIES},
     }
 
 

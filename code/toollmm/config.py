@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from toollmm.output_modalities import OUTPUT_MODALITIES
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
 DSCONFIG_DIR = CONFIG_DIR / "dsconfig"
@@ -84,18 +86,27 @@ class LoraConfig:
 
 @dataclass
 class OutputModalityConfig:
-    """One output modality (NExT-GPT): its signal-token run and its decoder's conditioning shape."""
+    """One output modality (NExT-GPT): its signal-token run and its decoder's conditioning shape.
+    Each ``model.outputs.<modality>`` section defaults to its published values
+    (``toollmm.output_modalities``); the class defaults are the image's."""
 
-    signal_tokens: int = 4
+    signal_tokens: int = OUTPUT_MODALITIES["image"].signal_tokens
     """Length of the run [IMG0]..[IMG<n-1>] (image 4, video 24, audio 8 as published)."""
-    target_tokens: int = 77
+    target_tokens: int = OUTPUT_MODALITIES["image"].target_tokens
     """Tokens of the decoder's text conditioning (77 for SD-1.5 and Zeroscope; 1 for AudioLDM's vector)."""
-    target_dim: int = 768
+    target_dim: int = OUTPUT_MODALITIES["image"].target_dim
     """Width of the decoder's text conditioning (SD-1.5 768, Zeroscope 1024, AudioLDM 512)."""
     loss_scale: float = 1.0
     """Weight of this modality's alignment loss (published: 1; stage 3 video 2)."""
-    decoder_path: str = ""
+    decoder_path: str = OUTPUT_MODALITIES["image"].decoder_path
     """The decoder as a diffusers checkpoint folder; its text_encoder/ and tokenizer/ make the caption embeddings."""
+
+
+def published_output(name: str) -> OutputModalityConfig:
+    """The defaults of ``model.outputs.<name>``: its registry entry's published values."""
+    entry = OUTPUT_MODALITIES[name]
+    return OutputModalityConfig(signal_tokens=entry.signal_tokens, target_tokens=entry.target_tokens,
+                                target_dim=entry.target_dim, decoder_path=entry.decoder_path)
 
 
 @dataclass
@@ -125,23 +136,19 @@ class OutputsConfig:
     alignment_loss: Literal["l2", "mse"] = "l2"
     """l2: mean over tokens of the Euclidean distance to the caption embedding (what the published
     code minimises, calling it MSE); mse: mean squared error."""
-    image: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        4, 77, 768, 1.0, "pretrained_checkpoint/diffusion_ckpt/stable-diffusion-v1-5"))
-    video: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        24, 77, 1024, 1.0, "pretrained_checkpoint/diffusion_ckpt/zeroscope_v2_576w"))
-    audio: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        8, 1, 512, 1.0, "pretrained_checkpoint/diffusion_ckpt/audioldm-l-full"))
+    # One section per entry of OUTPUT_MODALITIES, in its order (tests/test_config.py checks it).
+    image: OutputModalityConfig = field(default_factory=lambda: published_output("image"))
+    video: OutputModalityConfig = field(default_factory=lambda: published_output("video"))
+    audio: OutputModalityConfig = field(default_factory=lambda: published_output("audio"))
 
     def modality(self, name: str) -> OutputModalityConfig:
         return getattr(self, name)
 
-
-OUTPUT_MODALITIES = ("image", "video", "audio")
-
-
-def embedding_shape(output: OutputModalityConfig) -> tuple[int, ...]:
-    """Shape of one stored caption embedding: (tokens, dim), or (dim,) for a single vector (AudioLDM)."""
-    return (output.target_dim,) if output.target_tokens == 1 else (output.target_tokens, output.target_dim)
+    def target_shape(self, name: str) -> tuple[int, ...]:
+        """One caption embedding (and projector output) of modality ``name``: (tokens, dim), or
+        (dim,) where its decoder takes one pooled vector (AudioLDM)."""
+        output = self.modality(name)
+        return OUTPUT_MODALITIES[name].text_encoding.shape(output.target_tokens, output.target_dim)
 
 
 @dataclass
@@ -512,6 +519,8 @@ RANGES = {
     "model.lora.r": (1, None, True), "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
     "inference.batch_size": (1, None, True), "inference.max_new_tokens": (1, None, True),
     "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
+    **{f"model.outputs.{m}.{key}": (low, None, True) for m in OUTPUT_MODALITIES
+       for key, low in (("signal_tokens", 1), ("target_tokens", 1), ("target_dim", 1), ("loss_scale", 0))},
 }
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -530,9 +539,20 @@ def check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + ("" if math.isfinite(value) else " (not finite)"))
 
 
+def check_pooled_outputs(outputs: OutputsConfig) -> None:
+    """A decoder conditioned on one pooled vector (AudioLDM) takes one target token."""
+    for name, entry in OUTPUT_MODALITIES.items():
+        if entry.text_encoding.pooled and outputs.modality(name).target_tokens != 1:
+            raise ConfigError(
+                f"model.outputs.{name}.target_tokens must be 1: the {name} decoder ({entry.pipeline}) is conditioned on "
+                f"one {outputs.modality(name).target_dim}-d vector, got {outputs.modality(name).target_tokens}"
+            )
+
+
 def validate(config: RunConfig) -> None:
     t = config.train
     check_ranges(config)
+    check_pooled_outputs(config.model.outputs)
     if config.model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} is not one of {list(ATTENTION)}")
     if config.model.tuning == "lora" and config.model.lora.target_modules == []:

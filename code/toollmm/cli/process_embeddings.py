@@ -36,10 +36,11 @@ from toollmm.caption_embeddings import (
     DecoderFolderError,
     shape_text,
 )
-from toollmm.config import OUTPUT_MODALITIES, ConfigError, embedding_shape, load_config, resolve_path
+from toollmm.config import ConfigError, load_config, resolve_path
 from toollmm.data.captions import read_caption_file
 from toollmm.data.records import DataReport, Record
 from toollmm.features import DTYPES
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 log = logging.getLogger("toollmm.process_embeddings")
 
@@ -94,7 +95,7 @@ def config_jobs(args) -> list[Job]:
                 continue
             output = config.model.outputs.modality(entry.modality)
             paths = [resolve_path(p).resolve() for p in (entry.path, entry.embeddings_dir, output.decoder_path)]
-            jobs.append(Job(f"data.{key}[{i}]", entry.modality, *paths, embedding_shape(output)))
+            jobs.append(Job(f"data.{key}[{i}]", entry.modality, *paths, config.model.outputs.target_shape(entry.modality)))
     if not jobs:
         raise ConfigError("no data.caption_files or data.instruction_files entry has an embeddings_dir: nothing to embed")
     return jobs

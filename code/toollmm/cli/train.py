@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from toollmm.checkpoint import load_initial_weights, non_finite, save_checkpoint
 from toollmm.config import (
-    OUTPUT_MODALITIES,
     ConfigError,
     check_batch_arithmetic,
     check_paths,
@@ -69,6 +68,7 @@ from toollmm.engine import (
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.media import set_limits as set_media_limits
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import load_tokenizer
@@ -282,7 +282,7 @@ def train(argv: list[str] | None = None) -> Path:
                 continue  # already trained on before the resumed checkpoint
             batch_ids, batch_tokens = batch.record_ids, batch.real_tokens
             batch_examples = len(batch_ids)
-            batch = {k: v.to(device) for k, v in batch.inputs.items()}
+            batch = to_device(batch.inputs, device)
             if config.train.checkpoint_above_tokens and not config.train.gradient_checkpointing:
                 model.set_activation_checkpointing(batch["input_ids"].numel() > config.train.checkpoint_above_tokens)
             out = engine(**batch)
@@ -487,6 +487,11 @@ def resume(engine, out_dir: Path, rank: int) -> dict:
     raise ConfigError(f"no readable resume state under {out_dir / RESUME_DIR}: start a new run (drop --resume)")
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's model inputs on ``device`` (``targets`` maps output modalities to tensors)."""
+    return {k: {m: t.to(device) for m, t in v.items()} if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
 def step_metrics(out: dict, device) -> torch.Tensor:
     values = [out["loss"].detach().float(), out["token_accuracy"].float(), torch.ones((), device=device)]
     for modality in OUTPUT_MODALITIES:
@@ -515,7 +520,7 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).inputs
-        out = engine(**{k: v.to(device) for k, v in batch.items()})
+        out = engine(**to_device(batch, device))
         rows = batch["input_ids"].shape[0]
         answer_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         for key in ["loss", "lm_loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:
@@ -524,7 +529,7 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
             elif key in ("lm_loss", "token_accuracy"):
                 weight = answer_tokens
             else:
-                weight = batch[f"target_{key.split('_', 1)[1]}"].shape[0]
+                weight = batch["targets"][key.split("_", 1)[1]].shape[0]
             sums[key] = sums.get(key, 0.0) + out[key].float().item() * weight
             counts[key] = counts.get(key, 0) + weight
     engine.train()

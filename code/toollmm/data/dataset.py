@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from toollmm.config import OUTPUT_MODALITIES
 from toollmm.data.records import DataReport, MediaRef, Record
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, Example, build_example
 from toollmm.signal_tokens import SignalTokens, check_runs
 from toollmm.tokenization import PromptTokenizer
@@ -117,19 +117,19 @@ class InstructionDataset(torch.utils.data.Dataset):
         return replace(example, target_value=torch.from_numpy(example.target.store.load(example.target.name)))
 
 
-def caption_targets(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """``target_<modality>``: the caption embeddings of each output modality, in example order."""
-    batch = {}
-    for modality in OUTPUT_MODALITIES:
-        targets = [e.target_value for e in examples if e.target is not None and e.target.modality == modality]
-        if targets:
-            batch[f"target_{modality}"] = torch.stack(targets)
-    return batch
+def stack_targets(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Output modality → its examples' caption embeddings stacked in row order: the model's
+    ``targets`` (a modality without a run in the batch is absent)."""
+    by_modality: dict[str, list[torch.Tensor]] = {}
+    for e in examples:
+        if e.target is not None:
+            by_modality.setdefault(e.target.modality, []).append(e.target_value)
+    return {m: torch.stack(by_modality[m]) for m in OUTPUT_MODALITIES if m in by_modality}
 
 
 class Collator:
     """Right padding (pad = EOS, as the original) and the caption embeddings of each output
-    modality in row order (``target_<modality>``).
+    modality in row order (``targets``, see ``stack_targets``).
 
     No attention mask: under causal attention a real token never sees the padding to its right,
     so the mask changes nothing that the loss reads (the padding's own outputs carry no label).
@@ -145,7 +145,7 @@ class Collator:
         input_ids = pad_sequence([e.input_ids for e in examples], batch_first=True, padding_value=self.pad_token_id)
         labels = pad_sequence([e.labels for e in examples], batch_first=True, padding_value=IGNORE_INDEX)
         inputs = {"input_ids": input_ids, "labels": labels, "slot_features": self.slot_features(examples)}
-        inputs.update(caption_targets(examples))
+        inputs["targets"] = stack_targets(examples)
         return Batch(inputs, [e.record_id for e in examples], sum(len(e.input_ids) for e in examples))
 
     def slot_features(self, examples: list[Example]) -> torch.Tensor:
@@ -208,7 +208,7 @@ class PackingCollator(Collator):
             position_ids[r, start:] = torch.arange(width - start)  # the padding is a block of its own
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
                   "slot_features": self.slot_features(ordered)}
-        inputs.update(caption_targets(ordered))
+        inputs["targets"] = stack_targets(ordered)
         return Batch(inputs, [e.record_id for e in ordered], sum(used))
 
 

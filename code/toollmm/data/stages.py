@@ -20,7 +20,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from toollmm.config import ConfigError, RunConfig, embedding_shape, resolve_path
+from toollmm.config import ConfigError, RunConfig, resolve_path
 from toollmm.data.captions import MEDIA_TAGS, read_caption_file
 from toollmm.data.records import CaptionTarget, DataFileError, DataReport, Record, skip_file
 from toollmm.data.split import in_test_split
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def open_embeddings(folder: Path, config: RunConfig, modality: str):
     from toollmm.caption_embeddings import CaptionEmbeddingStore
 
-    return CaptionEmbeddingStore.for_reading(folder, shape=embedding_shape(config.model.outputs.modality(modality)),
+    return CaptionEmbeddingStore.for_reading(folder, shape=config.model.outputs.target_shape(modality),
                                              expected_by=f"model.outputs.{modality}")
 
 
