@@ -280,7 +280,7 @@ def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
     sdpa = build_model(load_config(3, overrides=overrides).model, ENCODER_DIM, stage=3, signal=signal)
     sdpa.load_state_dict(flex.state_dict())
     flex.to(device), sdpa.to(device)
-    on_device = lambda batch: replace(batch, inputs={k: v.to(device) for k, v in batch.inputs.items()})
+    on_device = lambda batch: batch.to(device)
     padded_batch = on_device(Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples))
     packed_batch = on_device(PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80)(examples))
     assert packed_batch.inputs["input_ids"].shape[0] < len(examples)

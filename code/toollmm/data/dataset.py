@@ -29,12 +29,18 @@ log = logging.getLogger(__name__)
 class Batch:
     """What a collator returns: the model's keyword arguments and, apart, what is not a model input."""
 
-    inputs: dict[str, torch.Tensor]
-    """``input_ids``, ``labels``, ``slot_features`` (packed: ``position_ids``), ``target_<modality>``."""
+    inputs: dict[str, torch.Tensor | dict[str, torch.Tensor]]
+    """``input_ids``, ``labels``, ``slot_features`` (packed: ``position_ids``), and ``targets``:
+    output modality → caption embeddings."""
     record_ids: list[str]
     """The records of the batch's examples, in row-major order (for samples and messages)."""
     real_tokens: int
     """Tokens that are not padding (for throughput)."""
+
+    def to(self, device) -> Batch:
+        moved = {k: {m: t.to(device) for m, t in v.items()} if isinstance(v, dict) else v.to(device)
+                 for k, v in self.inputs.items()}
+        return replace(self, inputs=moved)
 
 
 def record_feature(record: Record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
