@@ -154,7 +154,8 @@ def write_rows(rows: list[dict], output: Path) -> None:
 
 @contextlib.contextmanager
 def checkpoint_errors():
-    """A checkpoint that is missing, corrupt, not finite or made for another base: one line, exit 1."""
+    """A checkpoint that is missing, corrupt, not finite or made for another base, or an override
+    the config refuses: one line, exit 1."""
     try:
         yield
     except (FileNotFoundError, ValueError) as err:
