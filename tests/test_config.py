@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import TINY_CONFIG
-from toollmm.config import CONFIG_DIR, ConfigError, check_batch_arithmetic, check_paths, load_config
+from toollmm.config import (CONFIG_DIR, ConfigError, apply_inference_overrides, check_batch_arithmetic, check_paths,
+                            load_config)
 from toollmm.engine import deepspeed_config, planned_steps
 
 
@@ -142,3 +143,25 @@ def test_offload_and_packing_keys():
     assert config.train.packing and config.train.pack_length == 512
     plain = deepspeed_config(load_config(3), world_size=1, total_steps=10)
     assert "offload_optimizer" not in plain["zero_optimization"] and plain["optimizer"]["params"]["torch_adam"]
+
+
+def test_inference_overrides_change_the_inference_settings_only():
+    config = load_config(3, [TINY_CONFIG])
+    updated = apply_inference_overrides(config, ["inference.batch_size=8", "inference.top_k=5", "inference.num_beams=5",
+                                                 "model.llm_path=/elsewhere/llm"])
+    assert (updated.inference.batch_size, updated.inference.top_k, updated.inference.num_beams) == (8, 5, 5)
+    assert updated.model.llm_path == "/elsewhere/llm" and updated.train == config.train
+    assert config.inference.batch_size == 64 and config.inference.top_k == 1  # the checkpoint's config is left as it was
+    refusals = {
+        "inference.batchsize=8": r"^unknown config key inference.batchsize; allowed here: batch_size, cache, chat_max_new_tokens",
+        "model.dtype=fp16": r"^override model.dtype: inference takes inference.<key>=VALUE and model.llm_path=DIR",
+        "inference.batch_size=0": r"^inference.batch_size must be at least 1, got 0",
+        "inference.top_k_method=greedy": r"^inference.top_k_method: 'greedy' is not one of \['beam', 'exact'\]",
+        "inference.num_beams=4": r"^inference.num_beams applies to inference.top_k > 1 with inference.top_k_method=beam",
+        "inference.top_k": r"^override 'inference.top_k' must look like key.subkey=value",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            apply_inference_overrides(config, [override])
+    with pytest.raises(ConfigError, match=r"^inference.num_beams=2 cannot return 5 tools: set inference.num_beams=5 or more"):
+        apply_inference_overrides(config, ["inference.top_k=5", "inference.num_beams=2"])

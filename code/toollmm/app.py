@@ -2,12 +2,15 @@
 
     bash scripts/app.sh                                   # ckpt/tiny/final on http://127.0.0.1:7860
     bash scripts/app.sh --ckpt CKPT --port 7861 --share yes --max-upload-mb 50
+    bash scripts/app.sh --ckpt CKPT inference.chat_max_new_tokens=256 inference.top_k_method=exact
 
 Tool mode answers with a tool (a Hugging Face model id, or ``unknown``) and, with top k > 1,
 the k most probable tools with their log-probabilities; chat mode answers freely and shows
 any image, video or audio the checkpoint's decoders generate. Each message is answered on
-its own (the model has no multi-turn memory). The model is loaded once and answers one
-request at a time.
+its own (the model has no multi-turn memory). The model is loaded once
+(``toollmm.assistant.Assistant``, the front-end ``code/inference.py`` also answers through, with
+the same ``key=value`` overrides of the checkpoint's ``inference:`` settings) and answers one
+request at a time; the page's top k slider sets each request's k.
 """
 
 from __future__ import annotations
@@ -207,13 +210,9 @@ def parse_args(argv):
                         help="move decoder parts to the GPU only while they run (less GPU memory, slower)")
     parser.add_argument("--output-dir", type=Path, default=project_root() / "outputs", help="where generated media go")
     parser.add_argument("--steps", type=int, default=25, help="diffusion steps for generated media")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    args = parser.parse_args(argv)
-    try:
-        args.decoders = dict(item.split("=", 1) for item in args.decoder)
-    except ValueError:
-        parser.error(f"--decoder takes MODALITY=DIR, e.g. --decoder image=pretrained_checkpoint/sd; got {args.decoder}")
-    return args
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings over the checkpoint config's, e.g. inference.chat_max_new_tokens=256")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,13 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.ckpt.is_dir():
         raise SystemExit(f"No checkpoint at {args.ckpt}. Train the tiny default first (bash scripts/run_tiny.sh, "
                          "about 15 min on CPU) or pass --ckpt with a folder written by training.")
-    from toollmm.assistant import Assistant
+    from toollmm.assistant import Assistant, parse_decoders  # here: the model code loads only to serve
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        assistant = Assistant(args.ckpt, device=device, decoders=args.decoders, offload=args.offload,
-                              output_dir=args.output_dir, steps=args.steps, max_new_tokens=args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as err:  # not a checkpoint, or one for another base model
+        assistant = Assistant.from_checkpoint(args.ckpt, device, args.overrides, decoders=parse_decoders(args.decoder),
+                                              offload=args.offload, output_dir=args.output_dir, steps=args.steps)
+    except (FileNotFoundError, ValueError) as err:  # not a checkpoint, one for another base model, a bad override
         raise SystemExit(f"Cannot load {args.ckpt}: {err}") from err
     title = f"Tool_LMM: {args.ckpt.parent.name}/{args.ckpt.name} on {device}"
     page = Demo(assistant, args.max_upload_mb, title).build()

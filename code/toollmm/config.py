@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -371,7 +372,13 @@ class InferenceConfig:
     top_k: int = 1
     """K > 1 adds K distinct catalogue tools with their log-probability to each answer."""
     top_k_method: Literal["beam", "exact"] = "beam"
-    """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
+    """beam: beam search over the catalogue trie (fast, may miss a better tool); exact: score every
+    catalogue answer (the reference, about one forward token per answer token)."""
+    num_beams: int | None = None
+    """Beams of ``top_k_method: beam`` (null: 2K; more beams find the exact top K more often)."""
+    chat_max_new_tokens: int = 128
+    """Token limit of a chat reply (prompt mode ``--mode chat``, the demo's chat), which runs longer
+    than a tool answer."""
     merge_lora: bool = True
     """Fold LoRA into the base weights before answering (faster decoding; false keeps the adapters apart)."""
     max_batch_tokens: int | None = None
@@ -521,6 +528,7 @@ RANGES = {
     "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
     **{f"model.outputs.{m}.{key}": (low, None, True) for m in OUTPUT_MODALITIES
        for key, low in (("signal_tokens", 1), ("target_tokens", 1), ("target_dim", 1), ("loss_scale", 0))},
+    "inference.chat_max_new_tokens": (1, None, True),
 }
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -566,10 +574,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"stage {t.stage} trains on caption pairs: list them in data.caption_files")
     if t.stage in (1, 2) and not config.model.outputs.enabled:
         raise ConfigError(f"stage {t.stage} needs the signal tokens: set model.outputs.enabled=true")
-    if config.inference.top_k < 1:
-        raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
-    if config.inference.max_batch_tokens is not None and config.inference.max_batch_tokens < 1:
-        raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
+    validate_inference(config.inference)
     if t.held_out_tools and not (t.stage == 3 and config.data.train_files
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
@@ -579,6 +584,40 @@ def validate(config: RunConfig) -> None:
                           "by length: set train.group_by_length=false or data.sampling=shuffled_union")
     if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3 (null: the DeepSpeed config's), got {t.zero_stage}")
+
+
+def validate_inference(settings: InferenceConfig) -> None:
+    """The ``inference`` section's checks across fields (ranges are in ``RANGES``)."""
+    if settings.top_k < 1:
+        raise ConfigError(f"inference.top_k must be at least 1, got {settings.top_k}")
+    if settings.max_batch_tokens is not None and settings.max_batch_tokens < 1:
+        raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {settings.max_batch_tokens}")
+    if settings.num_beams is not None and (settings.top_k == 1 or settings.top_k_method != "beam"):
+        raise ConfigError("inference.num_beams applies to inference.top_k > 1 with inference.top_k_method=beam only: "
+                          "set those, or inference.num_beams=null")
+    if settings.num_beams is not None and settings.num_beams < settings.top_k:
+        raise ConfigError(f"inference.num_beams={settings.num_beams} cannot return {settings.top_k} tools: "
+                          f"set inference.num_beams={settings.top_k} or more")
+
+
+INFERENCE_OVERRIDES = ("inference.", "model.llm_path")
+"""What a checkpoint's config takes at inference: the rest describes the trained model."""
+
+
+def apply_inference_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A checkpoint's config with inference-time ``key=value`` overrides (``inference.top_k=5``,
+    ``model.llm_path=DIR`` if the base moved), checked as training checks its own."""
+    merged = config.to_dict()
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" in text and not key.startswith(INFERENCE_OVERRIDES):
+            raise ConfigError(f"override {key}: inference takes inference.<key>=VALUE and model.llm_path=DIR; "
+                              "the other sections describe the trained checkpoint")
+        merged = _merge(merged, parse_override(text))
+    updated = config_from_dict(RunConfig, merged)
+    check_ranges(updated)
+    validate_inference(updated.inference)
+    return updated
 
 
 def check_batch_arithmetic(config: RunConfig, world_size: int) -> int:
