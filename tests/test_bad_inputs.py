@@ -21,9 +21,9 @@ MEDIA = DATA / "assets"
 @pytest.fixture(autouse=True)
 def no_training(monkeypatch):
     """A case that passed validation would go on to train: it fails here instead."""
-    from toollmm.cli import train
+    from toollmm import recipe
 
-    monkeypatch.setattr(train, "init_distributed", lambda: pytest.fail("passed validation and reached the model"))
+    monkeypatch.setattr(recipe, "init_distributed", lambda: pytest.fail("passed validation and reached the model"))
 
 
 def exit_of(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -331,8 +331,9 @@ def test_training_refuses_a_bad_config_before_any_model(tiny_default, tmp_path, 
 
 DS_FILES = {
     "not_json": (b'{"optimizer": ', "is not readable JSON (Expecting value"),
-    "a_list": (b"[1, 2]", "needs an object with 'optimizer.params' and 'zero_optimization'"),
-    "no_optimizer": (b'{"zero_optimization": {"stage": 2}}', "needs an object with 'optimizer.params'"),
+    "a_list": (b"[1, 2]", "must hold a JSON object of DeepSpeed settings"),
+    "sets_the_stage": (b'{"zero_optimization": {"stage": 3}}',
+                       "sets zero_optimization.stage, which the run config sets (zero_optimization.stage: train.zero_stage)"),
     "not_utf8": (b'{"a": "\xff"}', "is not readable JSON"),
 }
 
@@ -394,8 +395,7 @@ def test_an_output_folder_that_cannot_take_this_run_is_refused(tiny_default, tmp
 
 
 def test_pruning_touches_only_the_folders_training_names(tmp_path):
-    from toollmm.cli.train import last_checkpoint, prune, run_files
-    from toollmm.engine import mark_complete, resume_tags
+    from toollmm.run_state import last_checkpoint, mark_complete, prune, resume_tags, run_files
 
     user = ["checkpoint-6-backup", "checkpoint-best", "checkpoint-", "checkpoint-x7", "notes", "resume/step_best",
             "resume/step_3_old", "checkpoint-2.partial.bak"]
@@ -414,7 +414,7 @@ def test_pruning_touches_only_the_folders_training_names(tmp_path):
 
 
 def test_overwrite_deletes_only_the_earlier_runs_files(tiny_default, tmp_path):
-    from toollmm.cli.train import check_output_dir
+    from toollmm.run_state import check_output_dir
     from toollmm.config import load_config
 
     run = tmp_path / "run"

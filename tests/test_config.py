@@ -3,9 +3,9 @@
 import pytest
 
 from conftest import TINY_CONFIG
-from toollmm.config import (CONFIG_DIR, ConfigError, apply_inference_overrides, check_batch_arithmetic, check_paths,
-                            load_config)
-from toollmm.engine import deepspeed_config, planned_steps
+from toollmm.config import (CONFIG_DIR, DEEPSPEED_KEYS, ConfigError, apply_inference_overrides, check_batch_arithmetic,
+                            check_paths, load_config)
+from toollmm.engine import deepspeed_config, planned_steps, run_settings
 
 
 def test_shipped_configs_load():
@@ -35,11 +35,62 @@ def test_published_deepspeed_values():
     assert ds["bf16"]["check_grad_overflow"]  # DeepSpeed's default; the fast bench path turns it off
     fast = deepspeed_config(load_config(3, overrides=["train.grad_overflow_check=false"]), world_size=1, total_steps=10)
     assert fast["bf16"] == {"enabled": True, "check_grad_overflow": False}
-    assert ds["zero_optimization"]["stage"] == 2  # the shipped JSON's, unless train.zero_stage says otherwise
+    assert ds["zero_optimization"]["stage"] == 2  # base.yaml's, unless train.zero_stage says otherwise
     sharded = deepspeed_config(load_config(3, overrides=["train.zero_stage=3"]), world_size=2, total_steps=10)
     assert sharded["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match=r"train\.zero_stage must be 1, 2 or 3"):
         load_config(3, overrides=["train.zero_stage=4"])
+
+
+def test_every_stage_builds_the_published_optimizer_from_its_yaml():
+    """Every stage, from base.yaml alone: AdamW (DeepSpeed's Adam in AdamW mode) 5e-4, betas (0.9, 0.95),
+    eps 1e-8, weight decay 0.001, WarmupDecayLR from 0, clip 1.0, ZeRO-2; fp16 and bf16 as model.dtype says."""
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(load_config(stage), world_size=2, total_steps=100)
+        assert ds["optimizer"] == {"type": "Adam", "params": {"lr": 0.0005, "betas": [0.9, 0.95], "eps": 1e-8,
+                                   "weight_decay": 0.001, "torch_adam": True, "adam_w_mode": True}}
+        assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.0005,
+                                   "warmup_num_steps": 10, "total_num_steps": 100}}
+        assert (ds["gradient_clipping"], ds["zero_optimization"]["stage"]) == (1.0, 2)
+    tuned = load_config(3, overrides=["train.betas=[0.8, 0.99]", "train.weight_decay=0", "train.adam_eps=1e-6",
+                                      "train.gradient_clipping=0.5", "model.dtype=fp16", "train.learning_rate=0.001"])
+    ds = deepspeed_config(tuned, world_size=1, total_steps=10)
+    assert ds["optimizer"]["params"] == {"lr": 0.001, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.0,
+                                             "torch_adam": True, "adam_w_mode": True}
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == 0.001 and ds["gradient_clipping"] == 0.5
+    assert ds["fp16"] == {"enabled": True, "min_loss_scale": 1} and not ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match=r"train\.betas must be two numbers in \[0, 1\)"):
+        load_config(3, overrides=["train.betas=[0.9]"])
+
+
+def test_the_run_config_sets_exactly_the_deepspeed_keys_it_names():
+    """``DEEPSPEED_KEYS`` (what a train.deepspeed_config file may not set) is what run_settings writes."""
+    config = load_config(3, overrides=["train.offload_optimizer=true"])
+    leaves, todo = [], [("", run_settings(config, world_size=1, total_steps=10))]
+    while todo:
+        prefix, section = todo.pop()
+        for key, value in section.items():
+            name = prefix + key
+            if isinstance(value, dict) and name not in DEEPSPEED_KEYS:
+                todo.append((name + ".", value))
+            else:
+                leaves.append(name)
+    assert sorted(leaves) == sorted(DEEPSPEED_KEYS)
+
+
+def test_a_deepspeed_file_adds_settings_and_may_not_set_the_run_configs(tmp_path):
+    extra = tmp_path / "ds.json"
+    extra.write_text('{"zero_optimization": {"stage3_max_live_parameters": 1e8}, "steps_per_print": 10}')
+    config = load_config(3, overrides=[f"train.deepspeed_config={extra}", "train.zero_stage=3"])
+    ds = deepspeed_config(config, world_size=1, total_steps=10)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1e8, "contiguous_gradients": True,
+                                       "allgather_bucket_size": 500000000, "allgather_partitions": True}
+    assert ds["steps_per_print"] == 10 and ds["optimizer"]["params"]["lr"] == 0.0005
+    extra.write_text('{"optimizer": {"params": {"lr": 0.1, "eps": 1e-6}}, "gradient_clipping": 2}')
+    with pytest.raises(ConfigError, match=r"sets gradient_clipping, optimizer\.params\.lr, optimizer\.params\.eps, "
+                                          r"which the run config sets \(gradient_clipping: train\.gradient_clipping; "
+                                          r"optimizer\.params\.lr: train\.learning_rate"):
+        deepspeed_config(config, world_size=1, total_steps=10)
 
 
 def test_held_out_tools_needs_a_test_split():

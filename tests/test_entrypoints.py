@@ -235,9 +235,10 @@ def test_training_steps_run_in_training_mode(tiny_default, tmp_path):
     driver.write_text(textwrap.dedent("""
         import sys
         import toollmm.cli.train as train
+        import toollmm.recipe as recipe
 
         seen = []
-        build = train.build_model
+        build = recipe.build_model
 
         def build_and_watch(*args, **kwargs):
             model = build(*args, **kwargs)
@@ -246,7 +247,7 @@ def test_training_steps_run_in_training_mode(tiny_default, tmp_path):
                 module.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))
             return model
 
-        train.build_model = build_and_watch
+        recipe.build_model = build_and_watch
         train.main(sys.argv[1:])
         print("TRAINING_MODE", sum(seen), len(seen))
     """))

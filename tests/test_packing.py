@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_LLM
-from toollmm.cli.train import evaluate_held_out
 from toollmm.config import load_config
 from toollmm.data.dataset import Batch, Collator, Example, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
 from toollmm.data.records import CaptionTarget, MediaRef, Record
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import IGNORE_INDEX, STOP_STRING, format_answer
+from toollmm.recipe import evaluate_held_out
 from toollmm.signal_tokens import add_signal_tokens, run_text
 from toollmm.tokenization import load_tokenizer
 

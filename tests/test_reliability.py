@@ -175,7 +175,7 @@ def test_corrupt_latest_resume_state_falls_back_to_the_previous(uninterrupted, t
 
 
 def test_state_without_completion_marker_is_not_resumed(tmp_path):
-    from toollmm.engine import latest_resume_tag, mark_complete
+    from toollmm.run_state import latest_resume_tag, mark_complete
 
     for step in (2, 4):
         (tmp_path / "resume" / f"step_{step}").mkdir(parents=True)
@@ -428,10 +428,10 @@ def test_invalid_values_name_their_key(override, key):
 
 
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
-    from toollmm.cli.train import hold_run_lock
+    from toollmm.run_state import hold_run_lock
 
     first = hold_run_lock(tmp_path)
-    script = f"from toollmm.cli.train import hold_run_lock; hold_run_lock(__import__('pathlib').Path({str(tmp_path)!r}))"
+    script = f"from toollmm.run_state import hold_run_lock; hold_run_lock(__import__('pathlib').Path({str(tmp_path)!r}))"
     other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert other.returncode != 0 and f"another training process (pid {os.getpid()}) is writing to" in other.stderr
     first.close()  # released (as on any exit, SIGKILL included)
@@ -444,7 +444,7 @@ def test_fp16_loss_scale_events_reach_the_metrics():
     (``optimizer.cur_scale``, ``engine.skipped_steps``) on a stand-in."""
     from types import SimpleNamespace
 
-    from toollmm.cli.train import loss_scale_events
+    from toollmm.engine import loss_scale_events
 
     engine = SimpleNamespace(optimizer=SimpleNamespace(cur_scale=32768.0), skipped_steps=2)
     fp16 = load_config(3, overrides=["model.dtype=fp16"])

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from toollmm.config import ConfigError
-from toollmm.engine import init_distributed, mark_complete, resume_tags
+from toollmm.engine import init_distributed
+from toollmm.run_state import TrainState, mark_complete, resume, resume_tags
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
@@ -52,8 +53,7 @@ def train_steps(engine, steps: int) -> None:
 @pytest.fixture(scope="module")
 def saved_states(tmp_path_factory):
     """A run folder with two complete resume states, step_2 and step_4."""
-    from toollmm.cli.train import save_rng
-    from toollmm.engine import RESUME_DIR
+    from toollmm.run_state import RESUME_DIR, save_rng
 
     out = tmp_path_factory.mktemp("states")
     engine = make_engine()
@@ -72,8 +72,6 @@ RESUME_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_s
 @pytest.mark.parametrize("name", RESUME_FILES)
 @pytest.mark.parametrize("protocol", ["torch.save", "pickle"])
 def test_planted_pickle_in_a_resume_state_never_runs(saved_states, tmp_path, name, protocol):
-    from toollmm.cli.train import resume
-
     source, engine = saved_states
     run = tmp_path / "run"
     shutil.copytree(source, run)
@@ -96,22 +94,18 @@ def test_planted_pickle_in_a_resume_state_never_runs(saved_states, tmp_path, nam
 def test_states_a_run_writes_load_with_the_allowlist(saved_states):
     """Every file of a real ZeRO-2 resume state passes the weights-only loader (its optimizer
     states name DeepSpeed's ZeroStageEnum, fragment_address and LossScaler)."""
-    from toollmm.cli.train import resume
-
     source, engine = saved_states
-    assert resume(engine, source, 0) == {"step": 4, "epoch": 0}
+    assert resume(engine, source, 0) == TrainState(step=4, epoch=0)
 
 
 @pytest.mark.parametrize("name", RESUME_FILES)
 def test_a_truncated_resume_file_falls_back_to_the_previous_state(saved_states, tmp_path, name, caplog):
-    from toollmm.cli.train import resume
-
     source, engine = saved_states
     run = tmp_path / "run"
     shutil.copytree(source, run)
     target = run / "resume" / "step_4" / name
     target.write_bytes(target.read_bytes()[: os.path.getsize(target) // 2])
-    assert resume(engine, run, 0) == {"step": 2, "epoch": 0}
+    assert resume(engine, run, 0) == TrainState(step=2, epoch=0)
     assert f"resume state {target.parent} is unreadable" in caplog.text
 
 

@@ -159,7 +159,7 @@ def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOOLLMM_ROOT", "VIRTUAL_ENV", *launcher)}
     where = subprocess.run([str(python), "-c", "import toollmm.config as c; print(c.CONFIG_DIR)"], cwd=elsewhere,
                            capture_output=True, text=True, env=env, check=True).stdout.strip()
-    assert where.startswith(site) and Path(where, "tiny.yaml").is_file() and Path(where, "dsconfig", "stage_3.json").is_file()
+    assert where.startswith(site) and Path(where, "tiny.yaml").is_file() and Path(where, "base.yaml").is_file()
 
     train = venv / "bin" / "toollmm-train"
     helped = subprocess.run([str(train), "--help"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)

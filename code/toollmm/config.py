@@ -28,7 +28,6 @@ from toollmm.output_modalities import OUTPUT_MODALITIES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
-DSCONFIG_DIR = CONFIG_DIR / "dsconfig"
 
 
 def _source_checkout() -> Path | None:
@@ -267,10 +266,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """How a stage trains. The optimizer, schedule, batch sizes, ZeRO stage and precision
+    (``model.dtype``) make the DeepSpeed config (``toollmm.engine.deepspeed_config``)."""
+
     stage: int = 3
     output_dir: str = "ckpt/toollmm_vicuna_7b"
-    deepspeed_config: str = "dsconfig/stage_3.json"
-    """A DeepSpeed JSON file; a relative path not found under the project root is looked up in the packaged configs."""
     epochs: int = 5
     max_steps: int = 0
     """Stop after this many optimizer steps (0: train all epochs)."""
@@ -281,12 +281,30 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     train_batch_size: int | None = 64
     """Must equal micro_batch_size × gradient_accumulation_steps × world size (null: computed)."""
+    learning_rate: float = 5e-4
+    """Peak learning rate of AdamW: the warm-up rises to it, then it decays linearly to 0 (WarmupDecayLR)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2)."""
+    weight_decay: float = 0.001
+    """AdamW's decoupled weight decay (none on vocabulary matrices that train in their signal-token rows only)."""
+    adam_eps: float = 1e-8
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     warmup_rate: float = 0.1
     warmup_rule: Literal["ceil", "published"] = "ceil"
     """Warm-up steps from warmup_rate × planned steps T: ceil is max(1, ceil(rate·T)); published is
     max(10, int(rate·T)), as both originals (at least 10 steps even in a short run)."""
-    learning_rate: float | None = None
-    """null: take the DeepSpeed config's optimizer lr."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 1-3. 3 also shards the weights, the frozen base included, across the
+    ranks, loading the base straight into shards (docs/architecture.md#zero-3)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
+    grad_overflow_check: bool = True
+    """bf16: DeepSpeed's scan of every gradient for inf/NaN before each optimizer step, which skips
+    a step that has one (fp16 always scans). Its host time is measured in docs/performance.md."""
+    deepspeed_config: str | None = None
+    """A JSON file of further DeepSpeed settings (e.g. ZeRO-3 tuning); it may not set what the
+    keys above set (``DEEPSPEED_KEYS``). null: none."""
     seed: int = 0
     init_from: str | None = None
     """A previous stage's checkpoint to start from (checked: same base, signal tokens and projectors)."""
@@ -307,52 +325,24 @@ class TrainConfig:
     """Run the LM head on the answer positions only (same loss, less memory and compute)."""
     max_nonfinite_in_a_row: int = 10
     """Micro-batches with a non-finite loss are skipped (counted in metrics); this many in a row stop the run."""
-    grad_overflow_check: bool = True
-    """bf16: DeepSpeed's scan of every gradient for inf/NaN before each optimizer step (a step
-    with one is skipped). It runs ~6 small kernels per trainable tensor from the host (258
-    tensors with LoRA at 7B): ~56 ms of host time in a 270-320 ms 64-row step on an H100, the
-    GPU mostly idle meanwhile (torch.profiler; bench/trace_gaps.py). Off: a non-finite loss is
-    still skipped before its backward; non-finite gradients from a finite loss would reach the
-    weights, the next losses turn non-finite and the run stops after ``max_nonfinite_in_a_row``.
-    fp16 always scans (its loss scaling needs it)."""
-    offload_optimizer: bool = False
-    """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
-    zero_stage: int | None = None
-    """DeepSpeed ZeRO stage, 1-3; null keeps the DeepSpeed config's (2 in the shipped ones). 3 also
-    shards the weights, the frozen base included, across the ranks (each holds 1/N of a 7B's
-    12.6 GiB) and gathers a layer's weights for its forward and again for its backward: for a
-    model that does not fit a card, at the cost of those all-gathers. The base loads straight into
-    shards (``deepspeed.zero.Init``). Checkpoints and resume states are the same as under ZeRO-2
-    (tested on two CPU ranks)."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in the backward pass: less memory, about a third more compute."""
     checkpoint_above_tokens: int = 0
     """With gradient_checkpointing off: recompute only micro-batches of more than this many (padded)
-    tokens. Memory follows the longest batch, which is rare: it alone pays the recompute. 0: never."""
+    tokens, so the rare longest batches alone pay the recompute. 0: never."""
     packing: bool = False
     """Pack each micro-batch's examples into rows of at most ``pack_length`` tokens (position ids
     restart per example; no token attends across examples) instead of padding them."""
     pack_length: int = 1024
     group_by_length: bool = False
-    """Batch examples of similar length together (less padding, same per-example loss); off
-    reproduces the original's uniformly random batches. Not the same optimization: on the CPU
-    check (bench/loss_parity.sh, tiny model, global batch 64) grouped batches trained to a
-    higher held-out loss than random ones (+0.10 at 32 batches a group, +0.15 at 150; seed
-    spread 0.01-0.07), and at 7B, one epoch, sorted over the epoch: 2.417 / 2.439 against the
-    published 2.104; random batches, padded or packed (``packing``), matched the published
-    settings' loss (7B, packed under flex attention: 2.100 / 2.095)."""
+    """Batch examples of similar length together: less padding, same per-example loss, but not the
+    same optimization (docs/performance.md); off reproduces the original's random batches."""
     length_group_batches: int = 32
-    """With ``group_by_length``: how many global batches are sorted by length together. More
-    means less padding but batches less random in content. On the 9553 training rows of
-    bench/speed.sh (tiny tokenizer, micro-batch 64, counted on CPU), padded per real token is
-    1.079 at 32, 1.047 at 64 and 1.016 at 150 (the whole epoch). The longest-row batches shrink
-    most: 19-21k padded tokens at 32, for 12-14k real."""
+    """With ``group_by_length``: how many global batches are sorted by length together (more: less
+    padding, batches less random in content)."""
     compile: bool = False
-    """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers): fuses
-    the RMSNorm, SwiGLU, rotary and LoRA dropout/scaling element-wise work; the first step pays the compile.
-    Under ZeRO-3 it gains little (a warning says so): DeepSpeed's per-module hooks break the graphs
-    and the layers reach torch.compile's recompile limit (two CPU ranks, tiny default: 48
-    recompiles in 12 steps, steps no faster than eager)."""
+    """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers); the
+    first step pays the compile. Gains little under ZeRO-3 (docs/performance.md)."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps (torch.profiler, rank 0):
     ``profile.txt`` (operators by GPU time) and ``profile_trace.json`` (Chrome/Perfetto) in output_dir."""
@@ -516,6 +506,7 @@ RANGES = {
     "train.save_every_steps": (0, None, True), "train.keep_last": (0, None, True), "train.num_workers": (0, None, True),
     "train.checkpoint_above_tokens": (0, None, True), "train.profile_steps": (0, None, True),
     "train.warmup_rate": (0, 1, True), "train.learning_rate": (0, None, False), "train.seed": (0, SEED_MAX, True),
+    "train.weight_decay": (0, None, True), "train.adam_eps": (0, None, False), "train.gradient_clipping": (0, None, True),
     "train.train_batch_size": (1, None, True),
     "data.max_tgt_len": (1, None, True), "data.train_eval_queries": (0, None, True), "data.split.seed": (0, SEED_MAX, True),
     "data.media_limits.min_audio_sample_rate": (1, None, True), "data.media_limits.max_audio_sample_rate": (1, None, True),
@@ -582,8 +573,10 @@ def validate(config: RunConfig) -> None:
     if config.data.sampling == "published" and t.group_by_length:
         raise ConfigError("data.sampling=published draws each micro-batch from one file at random; it cannot also group "
                           "by length: set train.group_by_length=false or data.sampling=shuffled_union")
-    if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 1, 2 or 3 (null: the DeepSpeed config's), got {t.zero_stage}")
+    if t.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t.betas}")
 
 
 def validate_inference(settings: InferenceConfig) -> None:
@@ -668,12 +661,12 @@ def check_paths(config: RunConfig) -> None:
     if config.train.init_from and not resolve_path(config.train.init_from).is_dir():
         problems.append(f"train.init_from: {resolve_path(config.train.init_from)} does not exist "
                         f"(train stage {config.train.stage - 1} first, or set train.init_from)")
-    if not deepspeed_config_path(config).is_file():
-        problems.append(f"train.deepspeed_config: {config.train.deepspeed_config} not found under the project root "
-                        f"({project_root()}) or among the packaged configs ({CONFIG_DIR})")
+    extra = config.train.deepspeed_config
+    if extra is not None and not resolve_path(extra).is_file():
+        problems.append(f"train.deepspeed_config: {extra} not found under the project root ({project_root()})")
     if problems:
         raise ConfigError("missing inputs:\n  " + "\n  ".join(problems))
-    load_deepspeed_config(config)  # malformed JSON stops here, not after the model loads
+    read_deepspeed_file(config)  # malformed JSON or a key the run config sets stops here, not after the model loads
     if config.model.tuning == "lora":
         check_lora_targets(config.model, llm)
 
@@ -704,18 +697,53 @@ def check_lora_targets(model: ModelConfig, llm: Path) -> None:
                           f"are {linear}")
 
 
-def deepspeed_config_path(config: RunConfig) -> Path:
-    candidate = resolve_path(config.train.deepspeed_config)
-    return candidate if candidate.is_file() else CONFIG_DIR / config.train.deepspeed_config
+DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.micro_batch_size × train.gradient_accumulation_steps × world size",
+    "gradient_clipping": "train.gradient_clipping",
+    "bf16.enabled": "model.dtype",
+    "bf16.check_grad_overflow": "train.grad_overflow_check",
+    "fp16.enabled": "model.dtype",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer": "train.offload_optimizer",
+    "optimizer.params.lr": "train.learning_rate",
+    "optimizer.params.betas": "train.betas",
+    "optimizer.params.eps": "train.adam_eps",
+    "optimizer.params.weight_decay": "train.weight_decay",
+    "scheduler.params.warmup_max_lr": "train.learning_rate",
+    "scheduler.params.warmup_num_steps": "train.warmup_rate and train.warmup_rule",
+    "scheduler.params.total_num_steps": "the planned steps (train.epochs, train.max_steps)",
+}
+"""DeepSpeed config keys the run config sets, and the run config keys that set them."""
 
 
-def load_deepspeed_config(config: RunConfig) -> dict:
-    path = deepspeed_config_path(config)
+def _sets(settings: dict, dotted: str) -> bool:
+    """Whether ``settings`` sets ``dotted`` (or replaces a section above it with a non-object)."""
+    for part in dotted.split("."):
+        if not isinstance(settings, dict):
+            return True
+        if part not in settings:
+            return False
+        settings = settings[part]
+    return True
+
+
+def read_deepspeed_file(config: RunConfig) -> dict:
+    """The settings of the ``train.deepspeed_config`` file ({} without one), refused when it
+    sets a key of ``DEEPSPEED_KEYS``: those come from the run config alone."""
+    if config.train.deepspeed_config is None:
+        return {}
+    path = resolve_path(config.train.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"train.deepspeed_config: {path} is not readable JSON ({err})") from None
-    if not isinstance(ds, dict) or not isinstance(ds.get("optimizer", {}).get("params"), dict) \
-            or not isinstance(ds.get("zero_optimization"), dict):
-        raise ConfigError(f"train.deepspeed_config: {path} needs an object with 'optimizer.params' and 'zero_optimization'")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object of DeepSpeed settings")
+    owned = [key for key in DEEPSPEED_KEYS if _sets(ds, key)]
+    if owned:
+        raise ConfigError(f"train.deepspeed_config: {path} sets {', '.join(owned)}, which the run config sets ("
+                          + "; ".join(f"{key}: {DEEPSPEED_KEYS[key]}" for key in owned)
+                          + "): remove them from the file and set those keys instead")
     return ds

@@ -1,13 +1,12 @@
-"""DeepSpeed set-up, per-step metrics, and the resumable training state."""
+"""DeepSpeed set-up (the process group, the DeepSpeed config, planned steps) and per-step metrics."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
-import pickle
-import re
 import socket
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from toollmm.config import ConfigError, RunConfig, load_deepspeed_config
+from toollmm.config import ConfigError, RunConfig, read_deepspeed_file
 from toollmm.extras import install_hint, is_installed
 
 log = logging.getLogger(__name__)
@@ -46,32 +45,57 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+DEEPSPEED_DEFAULTS = {
+    "steps_per_print": 1000000,  # DeepSpeed's own step log off: metrics.jsonl and tqdm report every step
+    "wall_clock_breakdown": False,
+    "zero_optimization": {"contiguous_gradients": True, "allgather_bucket_size": 500000000, "allgather_partitions": True},
+    "fp16": {"min_loss_scale": 1},
+    # DeepSpeed's Adam in adam_w_mode is AdamW; torch_adam steps it with torch's implementation
+    # (no extension to compile).
+    "optimizer": {"type": "Adam", "params": {"torch_adam": True, "adam_w_mode": True}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0}},
+}
+"""DeepSpeed settings the run config leaves alone; a ``train.deepspeed_config`` file may change them."""
+
+
 def deepspeed_config(config: RunConfig, world_size: int, total_steps: int) -> dict:
-    """The stage's DeepSpeed JSON with the run's batch sizes, precision and schedule filled in."""
-    ds = load_deepspeed_config(config)
-    t = config.train
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
-    ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-    dtype = config.model.dtype
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == "bf16", "check_grad_overflow": t.grad_overflow_check}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
-    if t.learning_rate is not None:
-        ds["optimizer"]["params"]["lr"] = t.learning_rate
-    if t.zero_stage is not None:
-        ds["zero_optimization"]["stage"] = t.zero_stage
-    if t.offload_optimizer:
-        # The original's setting: Adam states and step on the CPU (DeepSpeedCPUAdam, compiled
-        # on first use), for cards too small for them; it costs a host round trip every step.
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        ds["optimizer"]["params"].pop("torch_adam", None)
-    scheduler = ds.get("scheduler")
-    if scheduler and scheduler["type"] == "WarmupDecayLR":
-        params = scheduler["params"]
-        params["total_num_steps"] = max(1, total_steps)
-        params["warmup_num_steps"] = warmup_steps(config.train.warmup_rate, total_steps, config.train.warmup_rule)
-        params["warmup_max_lr"] = ds["optimizer"]["params"]["lr"]
+    """The run's DeepSpeed config: ``DEEPSPEED_DEFAULTS``, then the ``train.deepspeed_config``
+    file's settings, then what the run config sets (``config.DEEPSPEED_KEYS``)."""
+    ds = _merged(_merged(DEEPSPEED_DEFAULTS, read_deepspeed_file(config)), run_settings(config, world_size, total_steps))
+    if config.train.offload_optimizer:
+        ds["optimizer"]["params"].pop("torch_adam", None)  # DeepSpeedCPUAdam steps the offloaded states
     return ds
+
+
+def run_settings(config: RunConfig, world_size: int, total_steps: int) -> dict:
+    """The DeepSpeed keys the run config sets, one per entry of ``config.DEEPSPEED_KEYS``."""
+    t, dtype = config.train, config.model.dtype
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        # Adam states and step on the CPU (DeepSpeedCPUAdam, compiled on first use), for cards too
+        # small for them; it costs a host round trip every step.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.gradient_clipping,
+        "bf16": {"enabled": dtype == "bf16", "check_grad_overflow": t.grad_overflow_check},
+        "fp16": {"enabled": dtype == "fp16"},
+        "zero_optimization": zero,
+        "optimizer": {"params": {"lr": t.learning_rate, "betas": list(t.betas), "eps": t.adam_eps,
+                                 "weight_decay": t.weight_decay}},
+        "scheduler": {"params": {"warmup_max_lr": t.learning_rate, "total_num_steps": max(1, total_steps),
+                                 "warmup_num_steps": warmup_steps(t.warmup_rate, total_steps, t.warmup_rule)}},
+    }
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+    return out
 
 
 def warmup_steps(rate: float, total_steps: int, rule: str) -> int:
@@ -135,80 +159,50 @@ class MetricLogger:
             self.file.close()
 
 
-class UnsafeStateFile(RuntimeError):
-    """A resume-state file that holds more than tensors and plain data (refused unread)."""
+class StepMetrics:
+    """Named sums over one optimizer step's micro-batches (loss, token accuracy, each output
+    modality's MSE and the micro-batches that had it), reduced over the ranks at the step's end."""
+
+    def __init__(self, modalities, device: torch.device):
+        self.modalities, self.device = tuple(modalities), device
+        self.names = ["loss", "token_accuracy", "micro_batches"]
+        for modality in self.modalities:
+            self.names += [f"mse_{modality}", f"mse_{modality}_batches"]
+        self.sums = torch.zeros(len(self.names), device=device)  # one tensor: one all-reduce a step
+
+    def add(self, out: dict) -> None:
+        """Add one micro-batch's model outputs."""
+        zero = torch.zeros((), device=self.device)
+        values = {"loss": out["loss"].detach().float(), "token_accuracy": out["token_accuracy"].float(),
+                  "micro_batches": torch.ones((), device=self.device)}
+        for modality in self.modalities:
+            present = f"mse_{modality}" in out
+            values[f"mse_{modality}"] = out[f"mse_{modality}"].float() if present else zero
+            values[f"mse_{modality}_batches"] = torch.tensor(float(present), device=self.device)
+        self.sums += torch.stack([values[name] for name in self.names])
+
+    def reduce(self) -> dict:
+        """Means over the step's micro-batches on every rank (an MSE over those that had it), then reset."""
+        dist.all_reduce(self.sums)
+        sums = dict(zip(self.names, self.sums))
+        means = {"loss": (sums["loss"] / sums["micro_batches"]).item(),
+                 "token_accuracy": (sums["token_accuracy"] / sums["micro_batches"]).item()}
+        for modality in self.modalities:
+            if sums[f"mse_{modality}_batches"] > 0:
+                means[f"mse_{modality}"] = (sums[f"mse_{modality}"] / sums[f"mse_{modality}_batches"]).item()
+        self.sums.zero_()
+        return means
 
 
-def state_globals() -> list:
-    """The classes DeepSpeed's ZeRO optimizer states pickle besides tensors and plain data: the
-    only ones a resume state may name (anything else, e.g. ``os.system``, is refused unrun)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-
-
-def load_state_file(path: str | Path, map_location=None):
-    """``torch.load`` with the weights-only unpickler and :func:`state_globals`: a planted pickle
-    raises :class:`UnsafeStateFile` naming the file, and none of its code runs."""
-    try:
-        with torch.serialization.safe_globals(state_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
-        raise UnsafeStateFile(f"{path} holds objects other than tensors and plain data ({reason}); it was refused "
-                              "unread and nothing in it ran") from None
-
-
-def load_resume_state(engine, folder: Path) -> dict | None:
-    """``engine.load_checkpoint`` of one resume state, every file read by :func:`load_state_file`
-    (DeepSpeed's own loader unpickles with ``weights_only=False``, which runs a planted pickle)."""
-    engine.checkpoint_engine.load = load_state_file
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
-    return client_state
-
-
-RESUME_DIR = "resume"
-COMPLETE = "complete"
-"""Marker written into a resume state once every rank has saved it."""
-
-
-def mark_complete(out_dir: Path, tag: str) -> None:
-    folder = out_dir / RESUME_DIR / tag
-    tmp = folder / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"tag": tag, "files": sorted(p.name for p in folder.iterdir() if p.is_file())}))
-    os.replace(tmp, folder / COMPLETE)
-
-
-STATE_NAME = re.compile(r"step_(\d+)")
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-"""The only folder names training writes (and so prunes); ``checkpoint-best`` and the like are left alone."""
-
-
-def numbered(folder: Path, pattern: re.Pattern, suffix: str = "") -> list[tuple[int, Path]]:
-    """(step, path) of the sub-folders named exactly ``pattern`` + ``suffix``, by step."""
-    found = []
-    for path in folder.glob("*") if folder.is_dir() else []:
-        match = pattern.fullmatch(path.name[: len(path.name) - len(suffix)]) if path.name.endswith(suffix) else None
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resume_tags(out_dir: Path) -> list[str]:
-    """Complete resume states, newest first (a state cut short by a kill has no marker)."""
-    return [p.name for _, p in reversed(numbered(out_dir / RESUME_DIR, STATE_NAME)) if (p / COMPLETE).is_file()]
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    """The run's complete checkpoint folders, oldest first (a ``.partial`` one is cut short)."""
-    return [p for _, p in numbered(out_dir, CHECKPOINT_NAME)]
-
-
-def latest_resume_tag(out_dir: Path) -> str | None:
-    tags = resume_tags(out_dir)
-    return tags[0] if tags else None
+def loss_scale_events(engine, config: RunConfig) -> dict:
+    """fp16 only: the dynamic loss scale and the optimizer steps skipped on overflow so far."""
+    if config.model.dtype != "fp16":
+        return {}
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    events = {"overflow_skipped_steps": int(getattr(engine, "skipped_steps", 0))}
+    if isinstance(scale, (int, float)):
+        events["loss_scale"] = float(scale)
+    return events
 
 
 def _logged_step(line: str) -> int:
