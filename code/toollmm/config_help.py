@@ -7,8 +7,8 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import textwrap
-import typing
 
 from toollmm.config import RunConfig
 
@@ -27,29 +27,28 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _nested_dataclass(cls: type, name: str) -> type | None:
-    hint = typing.get_type_hints(cls)[name]
-    return hint if dataclasses.is_dataclass(hint) else None
-
-
-def config_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, object]]:
-    """``(dotted key, docstring, default)`` for every leaf field, in declaration order."""
-    instance = cls()
+def config_keys(config: object | None = None, prefix: str = "") -> list[tuple[str, str, object]]:
+    """``(dotted key, docstring, default)`` for every leaf field of ``config`` (default: a default
+    ``RunConfig``), in declaration order. Defaults come from the instance, so each
+    ``model.outputs.<modality>`` section shows its own published values."""
+    config = RunConfig() if config is None else config
+    docs = field_docs(type(config))
     rows = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        nested = _nested_dataclass(cls, f.name)
-        if nested is not None:
-            rows += config_keys(nested, f"{key}.")
+    for f in dataclasses.fields(config):
+        key, value = f"{prefix}{f.name}", getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += config_keys(value, f"{key}.")
         else:
-            rows.append((key, field_docs(cls).get(f.name, ""), getattr(instance, f.name)))
+            rows.append((key, docs.get(f.name, ""), value))
     return rows
 
 
-def keys_help(sections: tuple[str, ...] = ("model", "data", "train", "inference")) -> str:
-    """The ``key=value`` overrides a command accepts, one line each (``--help``'s epilog)."""
-    lines = ["config keys (key=value overrides; YAML layers set the same keys):"]
+def keys_help(prefixes: tuple[str, ...] = ("",)) -> str:
+    """The ``key=value`` overrides a command accepts, one line each (``--help``'s epilog): the keys
+    starting with one of ``prefixes`` (default: all)."""
+    lines = ["config keys as key=default, before any YAML layer or checkpoint config (override with key=value;\n"
+             " the details are in docs/configuration.md):"]
     for key, doc, default in config_keys():
-        if key.split(".")[0] in sections:
-            lines.append(f"  {key} = {default!r}: {doc}" if doc else f"  {key} = {default!r}")
+        if key.startswith(prefixes):
+            lines.append(f"  {key}={json.dumps(default, ensure_ascii=False)}  {doc}")  # JSON: valid YAML
     return "\n".join(lines)

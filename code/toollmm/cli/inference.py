@@ -52,7 +52,8 @@ import torch
 
 from toollmm.assistant import Assistant, parse_decoders, parse_prompt
 from toollmm.catalogue import AnswerTrie
-from toollmm.config import DataFile, RunConfig, resolve_path
+from toollmm.config import INFERENCE_OVERRIDES, DataFile, RunConfig, resolve_path
+from toollmm.config_help import keys_help
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.records import DataFileError, DataReport, Record
@@ -66,7 +67,8 @@ log = logging.getLogger("toollmm.inference")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=keys_help(INFERENCE_OVERRIDES),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder written by training")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", choices=["test", "train"], help="the checkpoint config's test split, or a sample of its training queries")
