@@ -3,8 +3,9 @@
 A run's config is ``base.yaml`` + ``stage_<N>.yaml`` + any ``--config`` files + command-line
 overrides such as ``train.epochs=1`` (values parsed as YAML). The shipped YAML files are package
 data (``toollmm/configs/``): ``--config tiny`` names one of them, a path names a file of yours.
-Every key is a dataclass field below; its comment is its documentation. An unknown key is an
-error that names it and lists the keys allowed there.
+Every key is a dataclass field below, documented by the one-line string after it (what ``--help``
+lists, through ``toollmm.config_help``; docs/configuration.md says more where a line is not
+enough). An unknown key is an error that names it and lists the keys allowed there.
 
 Relative paths (checkpoints, data, output folders) are relative to the project root:
 ``TOOLLMM_ROOT`` if set, else the source checkout this package runs from (a clone with an
