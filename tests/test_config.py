@@ -1,10 +1,14 @@
 """Config loading: every shipped config validates; errors name the key and the fix before any model is built."""
 
+import dataclasses
+import re
+
 import pytest
 
 from conftest import TINY_CONFIG
-from toollmm.config import (CONFIG_DIR, DEEPSPEED_KEYS, ConfigError, apply_inference_overrides, check_batch_arithmetic,
-                            check_paths, load_config)
+from toollmm.config import (CONFIG_DIR, DEEPSPEED_KEYS, INFERENCE_OVERRIDES, CaptionFile, ConfigError, DataFile,
+                            apply_inference_overrides, check_batch_arithmetic, check_paths, load_config)
+from toollmm.config_help import config_keys, field_docs
 from toollmm.engine import deepspeed_config, planned_steps, run_settings
 
 
@@ -216,3 +220,33 @@ def test_inference_overrides_change_the_inference_settings_only():
             apply_inference_overrides(config, [override])
     with pytest.raises(ConfigError, match=r"^inference.num_beams=2 cannot return 5 tools: set inference.num_beams=5 or more"):
         apply_inference_overrides(config, ["inference.top_k=5", "inference.num_beams=2"])
+
+
+def test_every_config_key_has_a_one_line_docstring():
+    """A field added without its docstring (or with a paragraph instead of a line) fails here;
+    data file entries (lists of DataFile / CaptionFile) count as keys too."""
+    rows = [(key, doc) for key, doc, _ in config_keys()]
+    rows += [(f"{cls.__name__}.{f.name}", field_docs(cls).get(f.name, ""))
+             for cls in (DataFile, CaptionFile) for f in dataclasses.fields(cls)]
+    assert {"model.lora.r", "data.media_limits.max_video_pixels", "inference.top_k", "DataFile.path"} <= dict(rows).keys()
+    bad = [f"{key}: {doc!r}" for key, doc in rows if not doc.strip() or "\n" in doc or len(doc) > 110]
+    assert not bad, "config fields need a one-line docstring of at most 110 characters:\n" + "\n".join(bad)
+
+
+def test_help_lists_the_keys_each_command_accepts(capsys):
+    from toollmm.cli import inference, train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    train_help = capsys.readouterr().out
+    for key, doc, _ in config_keys():
+        assert f"\n  {key}=" in train_help and doc in train_help, key
+    # defaults come from each section's own values, not its class's: video's run is 24 tokens
+    assert "\n  model.outputs.video.signal_tokens=24  " in train_help
+    assert "\n  model.lora.target_modules=null  " in train_help and "\n  train.betas=[0.9, 0.95]  " in train_help
+
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    listed = re.findall(r"^  ([a-z_.]+)=", capsys.readouterr().out, flags=re.M)
+    assert "inference.top_k" in listed and "model.llm_path" in listed
+    assert listed == [key for key, _, _ in config_keys() if key.startswith(INFERENCE_OVERRIDES)]
