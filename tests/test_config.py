@@ -228,7 +228,7 @@ def test_every_config_key_has_a_one_line_docstring():
     rows = [(key, doc) for key, doc, _ in config_keys()]
     rows += [(f"{cls.__name__}.{f.name}", field_docs(cls).get(f.name, ""))
              for cls in (DataFile, CaptionFile) for f in dataclasses.fields(cls)]
-    assert {"model.lora.r", "data.media_limits.max_video_pixels", "inference.top_k", "DataFile.path"} <= dict(rows).keys()
+    assert {"model.lora.r", "data.media_limits.max_video_pixels", "inference.top_k", "DataFile.path"} <= set(dict(rows))
     bad = [f"{key}: {doc!r}" for key, doc in rows if not doc.strip() or "\n" in doc or len(doc) > 110]
     assert not bad, "config fields need a one-line docstring of at most 110 characters:\n" + "\n".join(bad)
 
