@@ -35,7 +35,8 @@ from make_random_llm import PRESETS  # beside this script (on the path when run 
 from toollmm.config import OutputModalityConfig, OutputProjectorConfig, OutputsConfig
 from toollmm.model.projectors import build_output_projector
 from toollmm.model.toollmm import ToolLMM
-from toollmm.signal_tokens import PREFIXES, SignalTokens, token_names
+from toollmm.output_modalities import OUTPUT_MODALITIES
+from toollmm.signal_tokens import SignalTokens, run_names, token_names
 from toollmm.tiny_decoders import CLIP_END, clip_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -104,8 +105,7 @@ def build_toollmm(size: str, device: torch.device, dtype: torch.dtype, lora: boo
     outputs = OutputsConfig(enabled=True)
     names = token_names(outputs)
     base = config.vocab_size
-    ids = {m: [base + names.index(f"[{PREFIXES[m]}{i}]") for i in range(outputs.modality(m).signal_tokens)]
-           for m in ("image", "video", "audio")}
+    ids = {m: [base + names.index(n) for n in run_names(m, outputs.modality(m).signal_tokens)] for m in OUTPUT_MODALITIES}
     signal = SignalTokens(base_vocab_size=base, ids=ids, names=names)
     target = OutputModalityConfig(4, *CONDITIONING[size])
     with built_on(device, dtype):

@@ -24,8 +24,8 @@ import torch
 from toollmm import media
 from toollmm.config import load_config, resolve_path
 from toollmm.data import load_splits
-from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, PackingCollator, tool_items
-from toollmm.data.split import training_pairs
+from toollmm.data.dataset import Collator, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
+from toollmm.data.split import training_records
 from toollmm.tokenization import load_tokenizer
 
 FEATURE_DIM = 1024
@@ -38,9 +38,9 @@ def batches_per_second(dataset, collate, batch_size: int, seconds: float) -> dic
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         for batch in loader:
-            samples += len(batch["record_ids"])
-            tokens += batch["real_tokens"]
-            cells += batch["input_ids"].numel()
+            samples += len(batch.record_ids)
+            tokens += batch.real_tokens
+            cells += batch.inputs["input_ids"].numel()
             if time.perf_counter() - start >= seconds:
                 break
     elapsed = time.perf_counter() - start
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     splits = load_splits(config.data)
     # Cached-feature stand-ins: one fixed vector per medium (the values do not change the cost).
     features = {ref: torch.zeros(FEATURE_DIM) for record in splits.train for ref in record.media}
-    dataset = InstructionDataset(tool_items(training_pairs(splits.train)), tokenizer, features, config.data.max_tgt_len)
+    dataset = InstructionDataset(training_records(splits.train), tokenizer, features, config.data.max_tgt_len)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
                "command": "bench/data_path_bench.py " + " ".join(f"--config {c}" for c in args.config),
                "examples": len(dataset), "cached": {}}

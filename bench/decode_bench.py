@@ -65,9 +65,9 @@ def main() -> None:
 
     (model, tokenizer, config, _), load_s = synchronized_seconds(lambda: load_for_inference(args.ckpt, "cuda" if CUDA else "cpu"))
     queries = select_queries(SimpleNamespace(data=args.data, media_root=None, split=None), config)
-    with_media = [q for q in queries if q.record.media]
-    queries = [q for q in queries if not q.record.media]  # the bench carries no media: features would need ImageBind
-    prompts = [torch.tensor(build_example(tokenizer, q.record.query, False, None, config.data.max_tgt_len).input_ids)
+    with_media = [q for q in queries if q.media]
+    queries = [q for q in queries if not q.media]  # the bench carries no media: features would need ImageBind
+    prompts = [torch.tensor(build_example(tokenizer, q.query, False, None, config.data.max_tgt_len).input_ids)
                for q in queries]
     trie = AnswerTrie(tokenizer, load_splits(config.data).catalogue)
     print(json.dumps({"load_s": round(load_s, 2), "queries": len(prompts), "left_out_with_media": len(with_media),

@@ -3,9 +3,9 @@
 # evaluation size (2397 distinct requests: bench/make_eval_workload.py), loading included
 # (process start → predictions written), free and constrained decoding.
 # Run on the device after bench/speed.sh (its fast run leaves /tmp/speed_fast/final):
-#   CKPT=/tmp/speed_fast/final BATCH=768 bash bench/eval_speed.sh [more inference.py flags]
+#   CKPT=/tmp/speed_fast/final BATCH=768 bash bench/eval_speed.sh [more inference.py flags or key=value overrides]
 # Batches hold at most MAX_BATCH_TOKENS (65536) padded tokens of KV cache (32 GiB at 7B). Free
-# generation stops at the stop string or --max-new-tokens 32 (the checkpoint of a 2-epoch speed
+# generation stops at the stop string or inference.max_new_tokens=32 (the checkpoint of a 2-epoch speed
 # run wrote ~21 tokens an answer); a constrained answer ends once the catalogue trie decides it.
 # SPLIT=test answers the checkpoint config's test split instead of the workload file; DATA_DIR is
 # the sample data folder the workload is built from (default data, the bundled one).
@@ -34,10 +34,10 @@ if [ "${WARMUP:-1}" != 0 ]; then
     || echo "warm-up run failed (the timed runs below will show why)"
 fi
 for mode in $MODES; do
-  flag=$([ "$mode" = constrained ] && echo --constrained || echo --no-constrained)
+  flag=inference.constrained=$([ "$mode" = constrained ] && echo true || echo false)
   start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
-  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${workload[@]}" --batch-size "$BATCH" \
-    --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}" --max-new-tokens 32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
+  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${workload[@]}" inference.batch_size="$BATCH" \
+    inference.max_batch_tokens="${MAX_BATCH_TOKENS:-65536}" inference.max_new_tokens=32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
     | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N); echo "exited $(date +%T.%N)"
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'

@@ -54,9 +54,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(config.model, 1024, dtype=dtype).to(device).eval()
     # The tool-selection prompts keep their media slot (the row names a file); its feature is random.
-    prompts = [torch.tensor(build_example(tokenizer, q.record.query, bool(q.record.media_keys), None, 512).input_ids)
+    prompts = [torch.tensor(build_example(tokenizer, q.query, bool(q.media_keys), None, 512).input_ids)
                for q in queries]
-    features = [torch.randn(1024) if q.record.media_keys else None for q in queries]
+    features = [torch.randn(1024) if q.media_keys else None for q in queries]
     trie = AnswerTrie(tokenizer, splits.catalogue)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:

@@ -57,7 +57,8 @@ phase "inference: test (free), test (constrained, top 5), training queries"
 for split in test train; do
   python3 code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
 done
-python3 code/inference.py --ckpt "$run/final" --split test --constrained --top-k 5 --output "$run/predictions_test_constrained.json"
+python3 code/inference.py --ckpt "$run/final" --split test inference.constrained=true inference.top_k=5 \
+  --output "$run/predictions_test_constrained.json"
 
 phase "evaluation"
 python3 code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_train.json" \

@@ -30,7 +30,7 @@ bash scripts/train.sh --stage 3 "${layers[@]}" train.output_dir="$run" train.max
 sample=${SAMPLE:-60}
 python code/inference.py --ckpt "$run/final" --split test --sample "$sample" --output "$run/predictions_test.json"
 python code/inference.py --ckpt "$run/final" --split train --sample $((sample / 2)) --output "$run/predictions_train.json"
-python code/inference.py --ckpt "$run/final" --split test --sample "$sample" --constrained \
+python code/inference.py --ckpt "$run/final" --split test --sample "$sample" inference.constrained=true \
   --output "$run/predictions_test_constrained.json"
 python code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_train.json" \
   --output-dir "$run/eval_train" --title "$label, training queries"

@@ -17,7 +17,7 @@ for split in test train; do
   python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
 done
 # The same test queries with decoding constrained to the tool catalogue, and the top 5 tools.
-python code/inference.py --ckpt "$run/final" --split test --constrained --top-k 5 \
+python code/inference.py --ckpt "$run/final" --split test inference.constrained=true inference.top_k=5 \
   --output "$run/predictions_test_constrained.json"
 python code/evaluate.py --ckpt "$run/final" --predictions "$run/predictions_train.json" \
   --output-dir "$run/eval_train" --title "tiny default, training queries"

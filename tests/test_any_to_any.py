@@ -16,11 +16,12 @@ from PIL import Image
 
 from conftest import CONFIGS, DATA, ROOT, TINY_CONFIG, TINY_LLM
 from toollmm.assistant import Assistant, Reply, normalize_runs, parse_prompt
-from toollmm.checkpoint import save_checkpoint
-from toollmm.config import load_config
+from toollmm.checkpoint import load_for_inference, save_checkpoint
+from toollmm.config import ConfigError, load_config
 from toollmm.data.toolmmbench import MediaRef
-from toollmm.decoders import MediaDecoder, write_mp4
+from toollmm.decoders import MediaDecoder
 from toollmm.model.toollmm import build_model
+from toollmm.output_modalities import write_mp4
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tiny_decoders import build_tiny_decoders
 from toollmm.tokenization import load_tokenizer
@@ -53,8 +54,9 @@ def checkpoint(tiny_default, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assistant(checkpoint, decoders, tmp_path_factory):
-    return Assistant(checkpoint, device="cpu", decoders={m: str(f) for m, f in decoders.items()},
-                     output_dir=tmp_path_factory.mktemp("outputs"), steps=2, max_new_tokens=6, catalogue=CATALOGUE)
+    return Assistant.from_checkpoint(checkpoint, "cpu", ["inference.max_new_tokens=6", "inference.chat_max_new_tokens=6"],
+                                     decoders={m: str(f) for m, f in decoders.items()},
+                                     output_dir=tmp_path_factory.mktemp("outputs"), steps=2, catalogue=CATALOGUE)
 
 
 def fake_generate(ids: list[int]):
@@ -201,15 +203,18 @@ def test_run_cut_short_is_completed_with_a_warning(assistant, monkeypatch):
 
 
 def test_missing_or_failing_decoder_is_a_warning_not_an_error(checkpoint, decoders, tmp_path, monkeypatch):
-    # The image decoder is Zeroscope's folder: 1024-wide conditioning where the projector gives 768.
-    assistant = Assistant(checkpoint, device="cpu", decoders={"video": str(tmp_path / "nowhere"), "image": str(decoders["video"])},
-                          output_dir=tmp_path, steps=1)
+    # The image decoder is Zeroscope's folder (a video pipeline, 1024-wide where the projector gives 768).
+    assistant = Assistant.from_checkpoint(checkpoint, "cpu", decoders={"video": str(tmp_path / "nowhere"),
+                                                                       "image": str(decoders["video"])},
+                                          output_dir=tmp_path, steps=1)
     signal, tokenizer = assistant.model.signal, assistant.tokenizer
     response = tokenizer.encode("A clip") + signal.ids["video"] + signal.ids["image"]
     monkeypatch.setattr(assistant.model.llm, "generate", fake_generate(response))
     reply = assistant.reply("Make a video")
     assert reply.text == "A clip" and reply.media == [] and len(reply.warnings) == 2
     assert "no video decoder at" in reply.warnings[1] and "image decoder at" in reply.warnings[0]
+    # The folder's pipeline class is checked against the modality's registry entry before it loads.
+    assert "holds a TextToVideoSDPipeline, but the image decoder is a StableDiffusionPipeline" in reply.warnings[0]
 
 
 def test_tool_mode_answers_from_the_catalogue(assistant):
@@ -220,6 +225,23 @@ def test_tool_mode_answers_from_the_catalogue(assistant):
     assert len(reply.tools) == 3 and {t["tool"] for t in reply.tools} <= set(CATALOGUE) and scores == sorted(scores, reverse=True)
     single = assistant.reply("Transcribe this recording please.", mode="tool")
     assert single.tools == [{"tool": single.tool, "score": None}] and single.tool == reply.tool
+
+
+def test_settings_come_from_the_overrides_and_the_device_from_the_weights(checkpoint):
+    """``__init__`` takes a loaded model and computes its device; tool mode's k and method are the
+    config's ``inference`` settings unless a request names its k."""
+    model, tokenizer, config, _ = load_for_inference(checkpoint, "cpu", overrides=["inference.top_k=2"])
+    assistant = Assistant(model, tokenizer, config, catalogue=CATALOGUE)
+    assert assistant.device == torch.device("cpu") and assistant.settings.top_k == 2
+    beam = assistant.reply("Transcribe this recording please.", mode="tool")
+    assert len(beam.tools) == 2 and len(assistant.reply("Transcribe this.", mode="tool", top_k=3).tools) == 3
+    assistant.settings.top_k_method = "exact"
+    exact = assistant.reply("Transcribe this recording please.", mode="tool")
+    # 4 beams over a catalogue of 4 find every answer: the same tools as scoring each one.
+    assert [t["tool"] for t in exact.tools] == [t["tool"] for t in beam.tools]
+    assert [t["score"] for t in exact.tools] == pytest.approx([t["score"] for t in beam.tools], abs=1e-4)
+    with pytest.raises(ConfigError, match="unknown config key inference.topk"):
+        load_for_inference(checkpoint, "cpu", overrides=["inference.topk=2"])
 
 
 def test_batch_equals_one_at_a_time_and_media_are_summed(assistant):
@@ -247,7 +269,7 @@ def test_inference_cli_prompt_mode(checkpoint, tmp_path):
     (tmp_path / "prompts.txt").write_text("<Image>photo.jpg</Image> Which tool?\nTranscribe this.\n")
     output = tmp_path / "answers.json"
     inference.main(["--ckpt", str(checkpoint), "--prompts-file", str(tmp_path / "prompts.txt"), "--mode", "tool",
-                    "--top-k", "2", "--media-root", str(tmp_path), "--catalogue", str(tmp_path / "catalogue.json"),
+                    "inference.top_k=2", "--media-root", str(tmp_path), "--catalogue", str(tmp_path / "catalogue.json"),
                     "--output", str(output)])
     rows = json.loads(output.read_text())
     assert [r["query"] for r in rows] == ["Which tool?", "Transcribe this."]

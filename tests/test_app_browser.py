@@ -179,7 +179,7 @@ def app_url(tmp_path_factory):
     log = (tmp / "app.log").open("w")
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "code" / "app.py"), "--ckpt", str(Path(ckpt).resolve()), "--port", str(port),
-         "--output-dir", str(tmp / "outputs"), "--max-new-tokens", "24"],
+         "--output-dir", str(tmp / "outputs"), "inference.chat_max_new_tokens=24"],
         cwd="/", stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
     )
     url = f"http://127.0.0.1:{port}/"

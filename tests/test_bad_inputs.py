@@ -506,7 +506,7 @@ def test_a_checkpoint_on_another_base_of_the_same_shape(tiny_default, tmp_path, 
         assert "loading it anyway (model.base_check=warn)" in caplog.text
 
 
-CONVERT_CASES = {
+OUTSIDE_CASES = {
     "dot_dot": ("../outside.jpg", "'../outside.jpg' resolves outside"),
     "absolute": ("/etc/passwd", "'/etc/passwd' resolves outside"),
     "deep_dot_dot": ("a/../../outside.jpg", "'a/../../outside.jpg' resolves outside"),
@@ -515,22 +515,28 @@ CONVERT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
-def test_convert_drops_media_outside_the_root_even_with_keep(tmp_path, case):
-    from toollmm.data.converters import Input, convert
+@pytest.mark.parametrize("case", sorted(OUTSIDE_CASES))
+def test_media_outside_the_root_is_refused_even_when_missing_media_is_kept(tmp_path, case):
+    """missing_media=keep (what extract_features reads) keeps rows whose media is absent, never
+    one that points outside media_root."""
+    from toollmm.data.records import OUTSIDE_ROOT
+    from toollmm.data.toolmmbench import read_toolmmbench
 
     root = tmp_path / "media"
     root.mkdir()
     (tmp_path / "outside.jpg").write_bytes(b"x")
     (root / "inside.jpg").write_bytes(b"x")
     (root / "link_out.jpg").symlink_to(tmp_path / "outside.jpg")
-    path, expected = CONVERT_CASES[case]
+    path, expected = OUTSIDE_CASES[case]
     bad = row("swapped", modality="image", path="inside.jpg") if path is None else row("escape", modality="image", path=path)
     if path is None:
         bad["conversations"] = [{"from": "gpt", "value": "a/tool"}, {"from": "human", "value": "the request"}]
     data = tmp_path / "rows.json"
-    data.write_text(json.dumps([row("kept", modality="image", path="inside.jpg"), bad]))
-    examples, report = convert("toolmmbench", [Input(data, root)], missing_media="keep")
-    assert [e.turns[0][1] for e in examples] == ["kept"]
-    kind = "malformed" if path is None else "missing_media"
-    assert report.dropped[kind] == 1 and expected in report.problem_examples[kind][0]
+    data.write_text(json.dumps([row("kept", modality="image", path="inside.jpg"),
+                                row("absent", modality="image", path="absent.jpg"), bad]))
+    records, report = read_toolmmbench(data, root, "keep")
+    assert [r.query for r in records] == ["kept", "absent"]
+    assert [r.media[0].path.name for r in records] == ["inside.jpg", "absent.jpg"]
+    reason = "malformed row" if path is None else OUTSIDE_ROOT
+    assert report.skipped == {reason: 1} and expected in report.examples[reason][0]
+    assert report.examples[reason][0].startswith("rows.json row 2")

@@ -1,9 +1,14 @@
 """Config loading: every shipped config validates; errors name the key and the fix before any model is built."""
 
+import dataclasses
+import re
+
 import pytest
 
 from conftest import TINY_CONFIG
-from toollmm.config import DEEPSPEED_KEYS, CONFIG_DIR, ConfigError, check_batch_arithmetic, check_paths, load_config
+from toollmm.config import (CONFIG_DIR, DEEPSPEED_KEYS, INFERENCE_OVERRIDES, CaptionFile, ConfigError, DataFile,
+                            apply_inference_overrides, check_batch_arithmetic, check_paths, load_config)
+from toollmm.config_help import config_keys, field_docs
 from toollmm.engine import deepspeed_config, planned_steps, run_settings
 
 
@@ -162,6 +167,29 @@ def test_stage_configs_and_partial_sections_keep_their_defaults():
         load_config(1, overrides=["model.outputs.enabled=false"])
 
 
+def test_outputs_sections_follow_the_output_modality_registry():
+    from typing import get_type_hints
+
+    from toollmm.config import OutputModalityConfig, OutputsConfig
+    from toollmm.output_modalities import OUTPUT_MODALITIES
+
+    sections = [name for name, hint in get_type_hints(OutputsConfig).items() if hint is OutputModalityConfig]
+    assert sections == list(OUTPUT_MODALITIES) == ["image", "video", "audio"]
+    outputs = load_config(3).model.outputs
+    for name, entry in OUTPUT_MODALITIES.items():
+        section = outputs.modality(name)
+        assert (section.signal_tokens, section.target_tokens, section.target_dim, section.decoder_path) == \
+            (entry.signal_tokens, entry.target_tokens, entry.target_dim, entry.decoder_path)
+    assert [outputs.target_shape(m) for m in OUTPUT_MODALITIES] == [(77, 768), (77, 1024), (512,)]
+    with pytest.raises(ConfigError, match=r"model\.outputs\.audio\.target_tokens must be 1: the audio decoder "
+                                          r"\(AudioLDMPipeline\) is conditioned on one 512-d vector, got 77"):
+        load_config(3, overrides=["model.outputs.audio.target_tokens=77"])
+    with pytest.raises(ConfigError, match=r"model\.outputs\.video\.signal_tokens must be at least 1, got 0"):
+        load_config(3, overrides=["model.outputs.video.signal_tokens=0"])
+    with pytest.raises(ConfigError, match=r"model\.outputs\.image\.loss_scale must be at least 0, got -1\.0"):
+        load_config(3, overrides=["model.outputs.image.loss_scale=-1"])
+
+
 def test_offload_and_packing_keys():
     config = load_config(3, overrides=["train.offload_optimizer=true", "train.packing=true", "train.pack_length=512"])
     ds = deepspeed_config(config, world_size=1, total_steps=10)
@@ -170,3 +198,55 @@ def test_offload_and_packing_keys():
     assert config.train.packing and config.train.pack_length == 512
     plain = deepspeed_config(load_config(3), world_size=1, total_steps=10)
     assert "offload_optimizer" not in plain["zero_optimization"] and plain["optimizer"]["params"]["torch_adam"]
+
+
+def test_inference_overrides_change_the_inference_settings_only():
+    config = load_config(3, [TINY_CONFIG])
+    updated = apply_inference_overrides(config, ["inference.batch_size=8", "inference.top_k=5", "inference.num_beams=5",
+                                                 "model.llm_path=/elsewhere/llm"])
+    assert (updated.inference.batch_size, updated.inference.top_k, updated.inference.num_beams) == (8, 5, 5)
+    assert updated.model.llm_path == "/elsewhere/llm" and updated.train == config.train
+    assert config.inference.batch_size == 64 and config.inference.top_k == 1  # the checkpoint's config is left as it was
+    refusals = {
+        "inference.batchsize=8": r"^unknown config key inference.batchsize; allowed here: batch_size, cache, chat_max_new_tokens",
+        "model.dtype=fp16": r"^override model.dtype: inference takes inference.<key>=VALUE and model.llm_path=DIR",
+        "inference.batch_size=0": r"^inference.batch_size must be at least 1, got 0",
+        "inference.top_k_method=greedy": r"^inference.top_k_method: 'greedy' is not one of \['beam', 'exact'\]",
+        "inference.num_beams=4": r"^inference.num_beams applies to inference.top_k > 1 with inference.top_k_method=beam",
+        "inference.top_k": r"^override 'inference.top_k' must look like key.subkey=value",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            apply_inference_overrides(config, [override])
+    with pytest.raises(ConfigError, match=r"^inference.num_beams=2 cannot return 5 tools: set inference.num_beams=5 or more"):
+        apply_inference_overrides(config, ["inference.top_k=5", "inference.num_beams=2"])
+
+
+def test_every_config_key_has_a_one_line_docstring():
+    """A field added without its docstring (or with a paragraph instead of a line) fails here;
+    data file entries (lists of DataFile / CaptionFile) count as keys too."""
+    rows = [(key, doc) for key, doc, _ in config_keys()]
+    rows += [(f"{cls.__name__}.{f.name}", field_docs(cls).get(f.name, ""))
+             for cls in (DataFile, CaptionFile) for f in dataclasses.fields(cls)]
+    assert {"model.lora.r", "data.media_limits.max_video_pixels", "inference.top_k", "DataFile.path"} <= set(dict(rows))
+    bad = [f"{key}: {doc!r}" for key, doc in rows if not doc.strip() or "\n" in doc or len(doc) > 110]
+    assert not bad, "config fields need a one-line docstring of at most 110 characters:\n" + "\n".join(bad)
+
+
+def test_help_lists_the_keys_each_command_accepts(capsys):
+    from toollmm.cli import inference, train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    train_help = capsys.readouterr().out
+    for key, doc, _ in config_keys():
+        assert f"\n  {key}=" in train_help and doc in train_help, key
+    # defaults come from each section's own values, not its class's: video's run is 24 tokens
+    assert "\n  model.outputs.video.signal_tokens=24  " in train_help
+    assert "\n  model.lora.target_modules=null  " in train_help and "\n  train.betas=[0.9, 0.95]  " in train_help
+
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    listed = re.findall(r"^  ([a-z_.]+)=", capsys.readouterr().out, flags=re.M)
+    assert "inference.top_k" in listed and "model.llm_path" in listed
+    assert listed == [key for key, _, _ in config_keys() if key.startswith(INFERENCE_OVERRIDES)]

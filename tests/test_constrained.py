@@ -12,7 +12,7 @@ from toollmm.catalogue import AnswerTrie, TrieLogitsProcessor
 from toollmm.config import load_config
 from toollmm.data import load_splits
 from toollmm.generate import (_batches, beam_top_k, cut_at_stop, generate_responses, left_pad, rank_tools,
-                              score_catalogue)
+                              score_catalogue, top_k_tools)
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import STOP_STRING, build_example, format_answer, parse_answer
 
@@ -333,6 +333,16 @@ def test_beam_top_k(model, tokenizer, prompts, small_trie):
     assert [[r["tool"] for r in row] for row in wide] == [[r["tool"] for r in row] for row in rank_tools(exact_few, few, 5)]
 
 
+def test_top_k_tools_is_exact_scoring_or_beam_search(model, tokenizer, prompts, small_trie):
+    ids, features = prompts
+    exact = top_k_tools(model, tokenizer, ids, features, small_trie, 3, "exact", show_progress=False)
+    assert exact == rank_tools(score_catalogue(model, tokenizer, ids, features, small_trie, show_progress=False), small_trie, 3)
+    beam = top_k_tools(model, tokenizer, ids, features, small_trie, 3, "beam", batch_size=2, num_beams=8, show_progress=False)
+    assert beam == beam_top_k(model, tokenizer, ids, features, small_trie, 3, 2, num_beams=8, show_progress=False)
+    with pytest.raises(ValueError, match=r"top-k method 'greedy' is not one of \['exact', 'beam'\]"):
+        top_k_tools(model, tokenizer, ids, features, small_trie, 3, "greedy")
+
+
 def test_inference_cli_constrained_with_top_k(model, tokenizer, tmp_path):
     from toollmm.checkpoint import save_checkpoint
     from toollmm.cli import inference
@@ -345,11 +355,15 @@ def test_inference_cli_constrained_with_top_k(model, tokenizer, tmp_path):
     names = sorted({"unknown", "gpt2", *[t for row in rows for t in row["conversations"][1]["value"]]})
     (tmp_path / "catalogue.json").write_text(json.dumps(names))
     common = ["--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "queries.json")]
-    inference.main([*common, "--output", str(tmp_path / "free.json"), "--max-new-tokens", "8"])
-    inference.main([*common, "--output", str(tmp_path / "top.json"), "--constrained", "--top-k", "3",
+    inference.main([*common, "--output", str(tmp_path / "free.json"), "inference.max_new_tokens=8"])
+    inference.main([*common, "inference.constrained=true", "--output", str(tmp_path / "top.json"), "inference.top_k=3",
                     "--catalogue", str(tmp_path / "catalogue.json")])
-    with pytest.raises(SystemExit):
-        inference.main([*common, "--output", str(tmp_path / "x.json"), "--num-beams", "4"])
+    for override, refusal in [("inference.num_beams=4", "inference.num_beams applies to inference.top_k > 1"),
+                              ("inference.batchsize=8", "unknown config key inference.batchsize; allowed here: batch_size"),
+                              ("train.epochs=2", "override train.epochs: inference takes inference.<key>=VALUE")]:
+        with pytest.raises(SystemExit, match=f"^inference: {refusal}"):
+            inference.main([*common, "--output", str(tmp_path / "x.json"), override])
+    assert not (tmp_path / "x.json").exists()
     free = json.loads((tmp_path / "free.json").read_text())
     assert "top_k" not in free[0] and all(r["tool"] not in names for r in free)
     top = json.loads((tmp_path / "top.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import ROOT, DATA
-from toollmm.data.split import group_queries, split_by_query, training_pairs
+from toollmm.data.split import group_queries, split_by_query, training_records
 from toollmm.data.toolmmbench import MissingMediaError, read_toolmmbench, tool_catalogue
 
 BENCH = DATA / "toolmmbench"
@@ -108,8 +108,11 @@ def test_one_example_per_acceptable_tool(tmp_path):
     repeated = [row(2, modality="text", query="same", tool="c/x"), row(3, modality="text", query="same", tool="d/y"),
                 row(4, modality="text", query="same", tool="c/x")]
     records, _ = read_toolmmbench(write(tmp_path, [multi, *repeated]), tmp_path)
-    pairs = [(r.query, tool) for r, tool in training_pairs(records)]
-    assert pairs == [("Classify this sound.", "a/one"), ("Classify this sound.", "b/two"), ("same", "c/x"), ("same", "d/y")]
+    pairs = [(r.query, r.tools, r.answer) for r in training_records(records)]
+    assert pairs == [("Classify this sound.", ["a/one"], "{'api_name': a/one}\n###"),
+                     ("Classify this sound.", ["b/two"], "{'api_name': b/two}\n###"),
+                     ("same", ["c/x"], "{'api_name': c/x}\n###"), ("same", ["d/y"], "{'api_name': d/y}\n###")]
+    assert [r.tools for r in records] == [["a/one", "b/two"], ["c/x"], ["d/y"], ["c/x"]]  # the rows read stay as they are
     queries = group_queries(records)
     assert [q.tools for q in queries] == [["a/one", "b/two"], ["c/x", "d/y"]]
 
@@ -151,7 +154,8 @@ def test_longer_length_groups_pad_less_on_toolmmbench(tokenizer):
     records = []
     for name in ("audio_tx2t.json", "video_tx2t.json", "combined_data.json"):
         records += read_toolmmbench(BENCH / name, BENCH, "text_only")[0]
-    lengths = [len(build_example(tokenizer, r.query, False, format_answer(t), 512).input_ids) for r, t in training_pairs(records)]
+    lengths = [len(build_example(tokenizer, r.query, False, format_answer(r.tools[0]), 512).input_ids)
+               for r in training_records(records)]
     whole_epoch = -(-len(lengths) // 64)
     padding, longest = [], []
     for groups in (32, 64, whole_epoch):

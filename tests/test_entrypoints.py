@@ -118,7 +118,7 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
 def test_inference_and_evaluation(trained, tmp_path):
     predictions = tmp_path / "predictions.json"
     run_entry("inference.py", "--ckpt", str(trained / "final"), "--split", "test", "--limit", "6",
-              "--output", str(predictions), "--max-new-tokens", "8")
+              "--output", str(predictions), "inference.max_new_tokens=8")
     rows = json.loads(predictions.read_text())
     assert len(rows) == 6
     assert set(rows[0]) == {"question_id", "questions", "response", "tool", "input_modality", "acceptable",
@@ -157,7 +157,7 @@ def test_inference_on_a_published_file_scored_against_it(trained, tmp_path):
     combined = DATA / "toolmmbench" / "combined_data.json"
     predictions = tmp_path / "predictions.json"
     run_entry("inference.py", "--ckpt", str(trained / "final"), "--data", str(combined), "--limit", "3",
-              "--output", str(predictions), "--max-new-tokens", "4")
+              "--output", str(predictions), "inference.max_new_tokens=4")
     assert [r["question_id"] for r in json.loads(predictions.read_text())] == [
         "combined_data:audio/1", "combined_data:audio/2", "combined_data:audio/3"]
     run_entry("evaluate.py", "--ckpt", str(trained / "final"), "--predictions", str(predictions),
@@ -217,9 +217,13 @@ def test_inference_settings_come_from_the_checkpoint_config(trained, tmp_path):
     run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "--limit", "4", "--output", str(predictions))
     rows = json.loads(predictions.read_text())
     assert all(row["tool"] is not None and len(row["top_k"]) == 3 for row in rows)
-    run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "--limit", "2", "--no-constrained", "--top-k", "1",
-              "--max-new-tokens", "4", "--output", str(predictions))
+    run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "--limit", "2", "inference.constrained=false",
+              "inference.top_k=1", "inference.max_new_tokens=4", "--output", str(predictions))
     assert all("top_k" not in row for row in json.loads(predictions.read_text()))
+    # An override the config does not know is refused by name, before the model loads.
+    with pytest.raises(AssertionError, match=r"inference: unknown config key inference.topk; allowed here: .*top_k") as err:
+        run_entry("inference.py", "--ckpt", str(ckpt), "--split", "test", "inference.topk=3", "--output", str(predictions))
+    assert "model loaded" not in str(err.value)
 
 
 def test_training_steps_run_in_training_mode(tiny_default, tmp_path):

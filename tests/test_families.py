@@ -128,10 +128,10 @@ def test_family_trains_resumes_answers_and_reloads(family, tmp_path):
     assert any(not torch.equal(weights[k], saved[k]) for k in expected)  # step 3 trained on from step 2
 
     free, constrained = tmp_path / "free.json", tmp_path / "constrained.json"
-    inference_cli.main(["--ckpt", str(final), "--split", "test", "--limit", "3", "--no-constrained",
-                        "--max-new-tokens", "6", "--output", str(free)])
-    inference_cli.main(["--ckpt", str(final), "--split", "test", "--limit", "3", "--constrained", "--top-k", "3",
-                        "--output", str(constrained)])
+    inference_cli.main(["--ckpt", str(final), "--split", "test", "--limit", "3", "inference.constrained=false",
+                        "inference.max_new_tokens=6", "--output", str(free)])
+    inference_cli.main(["--ckpt", str(final), "--split", "test", "--limit", "3", "inference.constrained=true",
+                        "inference.top_k=3", "--output", str(constrained)])
     model, tokenizer, config, _ = load_for_inference(final, "cpu")
     catalogue = set(load_splits(config.data).catalogue)
     free_rows, rows = json.loads(free.read_text()), json.loads(constrained.read_text())

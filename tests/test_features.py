@@ -98,7 +98,7 @@ def test_featurize_loads_cached_features_and_drops_records_with_broken_media(ext
     cache, result = extracted
     # Everything decodable is cached: featurize must not run the encoder at all.
     monkeypatch.setattr(encoder, "encode_batch_async", lambda *a: pytest.fail("encoder ran although every feature was cached"))
-    records = [Record(f"r{i}", "q", ["tool"], ref.modality, [ref]) for i, ref in enumerate(GOOD + [corrupt["audio"]])]
+    records = [Record(f"r{i}", "q", media=[ref], tools=["tool"], input_modality=ref.modality) for i, ref in enumerate(GOOD + [corrupt["audio"]])]
     report = DataReport(rows=len(records), used=len(records))
     kept, features = featurize(records, encoder, FeatureCache(cache.root.parent, encoder.identity), report, num_workers=0)
     assert [r.id for r in kept] == [f"r{i}" for i in range(len(GOOD))]

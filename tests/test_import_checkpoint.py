@@ -206,5 +206,5 @@ def test_nextgpt_checkpoint_keys_are_checked(tiny_default, tmp_path):
     missing = {k: v for k, v in state.items() if k != "gen_text_hidden_fcs_audio.0.query_embs"}
     with pytest.raises(DeltaError, match="missing keys .*: gen_text_hidden_fcs_audio.0.query_embs"):
         import_nextgpt(save(missing, tmp_path), config(), tmp_path / "o")
-    with pytest.raises(DeltaError, match=r"have .* rows, but .* make 3034: set model.outputs.*signal_tokens"):
-        import_nextgpt(save(state, tmp_path), config("model.outputs.image.signal_tokens=0"), tmp_path / "o")
+    with pytest.raises(DeltaError, match=r"have .* rows, but .* make 3037: set model.outputs.*signal_tokens"):
+        import_nextgpt(save(state, tmp_path), config("model.outputs.image.signal_tokens=3"), tmp_path / "o")

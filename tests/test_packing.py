@@ -1,6 +1,8 @@
 """Speed never changes the maths: packed and length-grouped batches give the same per-example
 loss as padded ones (tiny LLaMA, fp32, SDPA), media slots and caption targets included."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,8 @@ import torch.nn.functional as F
 
 from conftest import TINY_LLM
 from toollmm.config import load_config
-from toollmm.data.dataset import Collator, Example, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
-from toollmm.data.stages import CaptionTarget, Item
-from toollmm.data.toolmmbench import MediaRef
+from toollmm.data.dataset import Batch, Collator, Example, InstructionDataset, LengthGroupedBatchSampler, PackingCollator
+from toollmm.data.records import CaptionTarget, MediaRef, Record
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import IGNORE_INDEX, STOP_STRING, format_answer
 from toollmm.recipe import evaluate_held_out
@@ -42,19 +43,19 @@ def setup(tiny_default):
     torch.manual_seed(0)
     model = build_model(config.model, ENCODER_DIM, stage=3, signal=signal).eval()
     media = MediaRef("image", TINY_LLM / "config.json")  # any key: the feature is given below
-    items = [Item(f"q{i}", q, format_answer(f"tool/{i}"), [media] if i % 2 else []) for i, q in enumerate(QUERIES)]
-    items.append(Item("gen", "draw a red bird", "Sure! " + run_text("image", 4) + STOP_STRING,
+    items = [Record(f"q{i}", q, format_answer(f"tool/{i}"), [media] if i % 2 else []) for i, q in enumerate(QUERIES)]
+    items.append(Record("gen", "draw a red bird", "Sure! " + run_text("image", 4) + STOP_STRING,
                       target=CaptionTarget("image", Store((77, 768)), "x.npy")))
     torch.manual_seed(1)
     dataset = InstructionDataset(items, tokenizer, {media: torch.randn(ENCODER_DIM)}, 256, signal)
     return model, tokenizer, [dataset[i] for i in range(len(dataset))]
 
 
-def per_example_losses(model, batch, examples: list[Example]) -> tuple[dict[str, float], dict]:
+def per_example_losses(model, batch: Batch, examples: list[Example]) -> tuple[dict[str, float], dict]:
     """Each example's mean answer-token loss, read from the batch's logits by locating its tokens."""
-    batch = dict(batch)
-    order = batch.pop("record_ids")
-    assert batch.pop("real_tokens") == sum(len(e.input_ids) for e in examples)
+    order = batch.record_ids
+    assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
+    batch = batch.inputs
     with torch.no_grad():
         out = model(**batch)
     logits, labels = out["logits"], batch["labels"]
@@ -82,15 +83,15 @@ def test_packed_rows_give_the_padded_per_example_losses(setup):
     padded, padded_out = per_example_losses(model, Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples), examples)
     packer = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80)
     batch = packer(examples)
-    assert batch["input_ids"].shape[0] < len(examples) and "attention_mask" not in batch  # several examples per row
+    assert batch.inputs["input_ids"].shape[0] < len(examples) and "attention_mask" not in batch.inputs  # several examples per row
     packed, packed_out = per_example_losses(model, batch, examples)
     assert padded.keys() == packed.keys()
     for record_id in padded:
         assert packed[record_id] == pytest.approx(padded[record_id], abs=1e-4), record_id
     # Control: the same rows with positions that do not restart attend across examples.
-    leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    ids = batch.inputs["input_ids"]
     with torch.no_grad():
-        leaky_out = model(**{k: v for k, v in leaky.items() if k not in ("record_ids", "real_tokens")})
+        leaky_out = model(**dict(batch.inputs, position_ids=torch.arange(ids.shape[1]).expand_as(ids)))
     assert abs(leaky_out["loss"].item() - padded_out["loss"].item()) > 1e-3
     # The batch losses (answer-token mean + the image alignment term) agree as well.
     torch.testing.assert_close(packed_out["loss"], padded_out["loss"], atol=1e-4, rtol=0)
@@ -102,10 +103,11 @@ def test_right_padding_needs_no_attention_mask(setup):
     losses equal those of the same batch with the padding masked out, and of each example alone."""
     model, tokenizer, examples = setup
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(examples)
+    width = batch.inputs["input_ids"].shape[1]
+    assert "attention_mask" not in batch.inputs and batch.inputs["input_ids"].shape[0] == len(examples)
     lengths = torch.tensor([len(e.input_ids) for e in examples])
-    assert lengths.min() < batch["input_ids"].shape[1]  # some rows are padded
-    masked_batch = dict(batch, attention_mask=(torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long())
+    assert lengths.min() < width  # some rows are padded
+    masked_batch = replace(batch, inputs=dict(batch.inputs, attention_mask=(torch.arange(width)[None, :] < lengths[:, None]).long()))
     unmasked, unmasked_out = per_example_losses(model, batch, examples)
     masked, masked_out = per_example_losses(model, masked_batch, examples)
     collate = Collator(tokenizer.pad_token_id, ENCODER_DIM)
@@ -120,8 +122,8 @@ def test_right_padding_needs_no_attention_mask(setup):
 def test_packing_wastes_fewer_tokens(setup):
     _, tokenizer, examples = setup
     real = sum(len(e.input_ids) for e in examples)
-    padded = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)["input_ids"].numel()
-    packed = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=128)(examples)["input_ids"].numel()
+    padded = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples).inputs["input_ids"].numel()
+    packed = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=128)(examples).inputs["input_ids"].numel()
     assert real <= packed < padded
 
 
@@ -142,9 +144,8 @@ def test_length_grouped_batches_give_the_same_per_example_losses(setup):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_default):
     config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "model.lora.dropout=0.0"])
     tokenizer = load_tokenizer(TINY_LLM)
-    items = [Item(f"q{i}", q, format_answer(f"tool/{i}")) for i, q in enumerate(QUERIES)]
-    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(InstructionDataset(items, tokenizer, {}, 256).examples)
-    batch.pop("record_ids"), batch.pop("real_tokens")
+    items = [Record(f"q{i}", q, format_answer(f"tool/{i}")) for i, q in enumerate(QUERIES)]
+    batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(InstructionDataset(items, tokenizer, {}, 256).examples).inputs
     grads = []
     # "toggled": enabled once, then switched per batch (train.checkpoint_above_tokens): off, then on.
     for checkpointing in (False, True, "toggled"):
@@ -186,8 +187,7 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(setup, tuning):
                                        "model.outputs.projector.hidden_size=64", "model.outputs.projector.ffn_size=128",
                                        "model.outputs.projector.encoder_layers=1", "model.outputs.projector.decoder_layers=1"])
     signal = add_signal_tokens(tokenizer, config.model.outputs)
-    batch = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, 96)(examples)
-    batch.pop("record_ids"), batch.pop("real_tokens")
+    batch = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, 96)(examples).inputs
     results = []
     for answer_only in (False, True):
         torch.manual_seed(0)
@@ -241,7 +241,7 @@ def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):
     (bench/loss_parity.sh): answers of different lengths weigh by their tokens, not by batch."""
     model, tokenizer, _ = setup
     answers = ["tool/a", "a/much-longer-tool-name-with-many-pieces-v2", "x", "org/model " * 6, "unknown"]
-    items = [Item(f"h{i}", QUERIES[i], format_answer(answer)) for i, answer in enumerate(answers)]
+    items = [Record(f"h{i}", QUERIES[i], format_answer(answer)) for i, answer in enumerate(answers)]
     examples = [*InstructionDataset(items, tokenizer, {}, 256, None)]
     collate = Collator(tokenizer.pad_token_id, ENCODER_DIM)
     try:
@@ -280,10 +280,10 @@ def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
     sdpa = build_model(load_config(3, overrides=overrides).model, ENCODER_DIM, stage=3, signal=signal)
     sdpa.load_state_dict(flex.state_dict())
     flex.to(device), sdpa.to(device)
-    on_device = lambda batch: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    on_device = lambda batch: batch.to(device)
     padded_batch = on_device(Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples))
     packed_batch = on_device(PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80)(examples))
-    assert packed_batch["input_ids"].shape[0] < len(examples)
+    assert packed_batch.inputs["input_ids"].shape[0] < len(examples)
     padded, padded_out = per_example_losses(sdpa.eval(), padded_batch, examples)
     if compile_layers:  # train.compile: flex attention traced inside each compiled layer
         torch._dynamo.reset()
@@ -297,7 +297,7 @@ def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
         return  # no flex backward on CPU, and a second width recompiles with dynamic shapes (see below)
     assert_same_gradients((sdpa, padded_batch), (flex, packed_batch))
     wider = on_device(PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=200)(examples[::-1]))
-    assert wider["input_ids"].shape != packed_batch["input_ids"].shape
+    assert wider.inputs["input_ids"].shape != packed_batch.inputs["input_ids"].shape
     torch.testing.assert_close(per_example_losses(flex.eval(), wider, examples)[1]["loss"], padded_out["loss"], atol=1e-4, rtol=0)
 
 
@@ -305,7 +305,7 @@ def assert_same_gradients(*runs):
     grads = []
     for model, batch in runs:
         model.train().zero_grad()
-        out = model(**{k: v for k, v in batch.items() if k not in ("record_ids", "real_tokens")})
+        out = model(**batch.inputs)
         out["loss"].backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])

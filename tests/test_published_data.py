@@ -11,7 +11,7 @@ from conftest import DATA
 from toollmm.config import load_config
 from toollmm.data import load_splits
 from toollmm.data.dataset import PublishedBatchSampler
-from toollmm.data.split import group_queries, training_pairs
+from toollmm.data.split import group_queries, training_records
 from toollmm.data.toolmmbench import read_toolmmbench, tool_catalogue
 from toollmm.prompts import format_answer
 
@@ -101,7 +101,7 @@ def test_repeated_rows_and_tool_names_as_the_original_trains_on_them():
     def pairs(*overrides):
         config = load_config(3, ["tiny"], list(overrides))
         records = load_splits(config.data).train
-        return records, training_pairs(records, config.data.duplicate_rows == "keep")
+        return records, [(r, r.tools[0]) for r in training_records(records, config.data.duplicate_rows == "keep")]
 
     tiny_records, tiny_pairs = pairs()
     # The tiny default: each (query, media, tool) once, names stripped.
@@ -111,7 +111,7 @@ def test_repeated_rows_and_tool_names_as_the_original_trains_on_them():
                           "data.eval_files=[]")
     by_file = Counter(record.source.rsplit("/", 1)[-1] for record, _ in kept)
     assert by_file == {"audio_tx2t.json": 2944, "video_tx2t.json": 224}
-    dropped = Counter(record.source.rsplit("/", 1)[-1] for record, _ in training_pairs(records))
+    dropped = Counter(record.source.rsplit("/", 1)[-1] for record in training_records(records))
     assert by_file - dropped == {"audio_tx2t.json": 545, "video_tx2t.json": 8}
     # Verbatim names reach the targets; the catalogue and the evaluation unit strip them.
     records, verbatim = pairs("data.tool_names=verbatim")
@@ -138,10 +138,8 @@ def test_published_epoch_of_the_audio_and_video_files_at_world_size_4():
 
 
 def test_feature_extraction_lists_media_in_the_published_layout(tmp_path):
-    from toollmm.cli.extract_features import toolmmbench_media
-
     mm_dataset = lay_out_mm_dataset(tmp_path, ["video_tx2t.json"])
-    records = toolmmbench_media(BENCH / "video_tx2t.json", mm_dataset, "published")
+    records, _ = read_toolmmbench(BENCH / "video_tx2t.json", mm_dataset, "keep", "published")  # as extract_features reads
     paths = {ref.path for record in records for ref in record.media}
     assert len(records) == 224 and paths and all(p.is_file() and p.parent == (mm_dataset / "video").resolve() for p in paths)
 

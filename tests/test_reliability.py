@@ -400,7 +400,7 @@ def test_divergence_stops_with_a_clear_message_and_a_usable_checkpoint(tiny_defa
 
 
 @pytest.mark.parametrize("stage,layers", [
-    (1, []), (2, []), (3, []), (3, ["any_to_any.yaml"]), (3, ["tiny.yaml"]), (3, ["small.yaml"]),
+    (1, []), (2, []), (3, []), (3, ["any_to_any.yaml"]), (3, ["tiny.yaml"]), (3, ["small.yaml"]), (3, ["small.yaml", "small_published.yaml"]),
     (1, ["tiny.yaml", "tiny_chain.yaml"]), (2, ["tiny.yaml", "tiny_chain.yaml"]),
     (3, ["any_to_any.yaml", "tiny.yaml", "tiny_chain.yaml"]),
 ])

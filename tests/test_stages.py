@@ -13,10 +13,10 @@ from torch import nn
 from conftest import DATA, TINY_LLM
 from toollmm.caption_embeddings import CaptionEmbeddingMismatch, CaptionEmbeddingStore
 from toollmm.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
-from toollmm.config import ConfigError, embedding_shape, load_config
+from toollmm.config import ConfigError, load_config
 from toollmm.data.dataset import Collator, InstructionDataset
-from toollmm.data.stages import CaptionTarget, Item, caption_items, instruction_items
-from toollmm.data.toolmmbench import DataReport
+from toollmm.data.records import CaptionTarget, DataReport, Record
+from toollmm.data.stages import caption_items, instruction_items
 from toollmm.model.projectors import LinearProjector, TransformerProjector
 from toollmm.model.toollmm import SIGNAL_ROWS, build_model, checkpoint_state, optimizer_groups
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID, STOP_STRING, build_example
@@ -157,16 +157,18 @@ def test_train_rows_all_trains_every_vocabulary_row_with_weight_decay(signal_tok
 
 
 def collate(tokenizer, examples):
+    """The model inputs of a padded batch; its bookkeeping stays beside them."""
     batch = Collator(tokenizer.pad_token_id, ENCODER_DIM)(examples)
-    assert batch.pop("record_ids") == [e.record_id for e in examples]
-    assert batch.pop("real_tokens") == sum(len(e.input_ids) for e in examples)
-    return batch
+    assert batch.record_ids == [e.record_id for e in examples]
+    assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
+    assert set(batch.inputs) == {"input_ids", "labels", "slot_features", "targets"}
+    return batch.inputs
 
 
 def dataset_item(tokenizer, signal, modality, caption="a dog runs on the beach"):
-    shape = embedding_shape(stage_config(2).model.outputs.modality(modality))
+    shape = stage_config(2).model.outputs.target_shape(modality)
     store = FixedStore(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-    item = Item("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
+    item = Record("r", caption, run_text(modality, len(signal.ids[modality])) + STOP_STRING,
                 target=CaptionTarget(modality, store, "x.npy"))
     return InstructionDataset([item], tokenizer, {}, 512, signal)[0]
 
@@ -208,7 +210,7 @@ def test_projector_outputs_have_each_decoders_shape(signal_tokenizer, mode):
         assert model.output_projectors[modality](hidden, embeds).shape == shape
     # Stored targets (AudioLDM's is one 512-vector) fit the projector's output.
     batch = collate(tokenizer, [dataset_item(tokenizer, signal, m) for m in expected])
-    assert batch["target_audio"].shape == (1, 512) and batch["target_video"].shape == (1, 77, 1024)
+    assert batch["targets"]["audio"].shape == (1, 512) and batch["targets"]["video"].shape == (1, 77, 1024)
     out = model(**batch)
     assert {"mse_image", "mse_video", "mse_audio", "l2_image"} <= set(out)
 
@@ -225,7 +227,7 @@ def test_alignment_loss_is_the_published_l2_and_scaled(signal_tokenizer):
     out = model(**batch)
     hidden_states = model.llm(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
     prediction = model.project_runs("image", hidden_states, model.embed_inputs(batch["input_ids"], None), batch["labels"])
-    distance = (prediction - batch["target_image"]).pow(2).sum(-1).sqrt().mean()
+    distance = (prediction - batch["targets"]["image"]).pow(2).sum(-1).sqrt().mean()
     torch.testing.assert_close(out["l2_image"], distance)
     lm = torch.nn.functional.cross_entropy(out["logits"][0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out["loss"], lm + 2.0 * distance)
@@ -257,11 +259,11 @@ def test_runs_cut_short_are_counted_and_skipped(signal_tokenizer):
     long_query = next(q for q in ("a cat " * n for n in range(1, 80))
                       if 60 < len(build_example(tokenizer, q, False, None, 1 << 30).input_ids) < 70)
     items = [
-        Item("whole", "a cat", video + STOP_STRING, target=CaptionTarget("video", store, "a.npy")),
-        Item("long", long_query, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
-        Item("broken", "a cat", run_text("video", 10) + STOP_STRING, target=CaptionTarget("video", store, "c.npy")),
-        Item("orphan", "a cat", video + STOP_STRING),
-        Item("text", "a cat", "a cat" + STOP_STRING),
+        Record("whole", "a cat", video + STOP_STRING, target=CaptionTarget("video", store, "a.npy")),
+        Record("long", long_query, video + STOP_STRING, target=CaptionTarget("video", store, "b.npy")),
+        Record("broken", "a cat", run_text("video", 10) + STOP_STRING, target=CaptionTarget("video", store, "c.npy")),
+        Record("orphan", "a cat", video + STOP_STRING),
+        Record("text", "a cat", "a cat" + STOP_STRING),
     ]
     report = DataReport(rows=5, used=5)
     dataset = InstructionDataset(items, tokenizer, {}, 80, signal, report)

@@ -2,12 +2,15 @@
 
     bash scripts/app.sh                                   # ckpt/tiny/final on http://127.0.0.1:7860
     bash scripts/app.sh --ckpt CKPT --port 7861 --share yes --max-upload-mb 50
+    bash scripts/app.sh --ckpt CKPT inference.chat_max_new_tokens=256 inference.top_k_method=exact
 
 Tool mode answers with a tool (a Hugging Face model id, or ``unknown``) and, with top k > 1,
 the k most probable tools with their log-probabilities; chat mode answers freely and shows
 any image, video or audio the checkpoint's decoders generate. Each message is answered on
-its own (the model has no multi-turn memory). The model is loaded once and answers one
-request at a time.
+its own (the model has no multi-turn memory). The model is loaded once
+(``toollmm.assistant.Assistant``, the front-end ``code/inference.py`` also answers through, with
+the same ``key=value`` overrides of the checkpoint's ``inference:`` settings) and answers one
+request at a time; the page's top k slider sets each request's k.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from toollmm.config import project_root
 from toollmm.extras import MissingExtraError, require
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 try:
     gr = require("gradio", "the demo")
@@ -117,7 +121,8 @@ class Demo:
         self.lock = threading.Lock()
 
     def respond(self, message: dict, history: list, mode: str, top_k: int):
-        """Chat handler: yields (history, textbox, tool, tool table, image, video, audio) as the answer streams.
+        """Chat handler: yields (history, textbox, tool, tool table, then one generated file per output
+        modality: image, video, audio) as the answer streams.
 
         Every failure ends as a warning and a line in the chat, never as a traceback in the page.
         """
@@ -126,7 +131,7 @@ class Demo:
         files = (message or {}).get("files", [])
         if not text:
             gr.Warning("Type a question (a file alone is not a query).")
-            yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield self._unchanged(history)
             return
         history += [{"role": "user", "content": {"path": path}} for path in files]
         history.append({"role": "user", "content": text})
@@ -141,7 +146,7 @@ class Demo:
             for partial, reply in stream_reply(self.assistant, self.lock, text, media, mode, int(top_k)):
                 history[-1] = {"role": "assistant", "content": reply.text if reply else partial}
                 if reply is None:
-                    yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    yield self._unchanged(history)
         except Exception as err:
             log.exception("reply failed")
             history.pop()
@@ -152,15 +157,20 @@ class Demo:
         rows = [[t["tool"], round(t["score"], 3)] for t in reply.tools if t["score"] is not None]  # none at top k 1
         tool = reply.tool or "(none: the answer names no tool)"
         tool, table = (tool, gr.update(value=rows, visible=bool(rows))) if mode == "tool" else no_tool
-        yield (history, None, tool, table,
-               _media_update(reply, "image"), _media_update(reply, "video"), _media_update(reply, "audio"))
+        yield history, None, tool, table, *(_media_update(reply, m) for m in OUTPUT_MODALITIES)
+
+    @staticmethod
+    def _unchanged(history: list) -> tuple:
+        """The outputs while an answer streams: the chat, every other output as it is."""
+        return history, gr.skip(), gr.skip(), gr.skip(), *(gr.skip() for _ in OUTPUT_MODALITIES)
 
     @staticmethod
     def _failed(history: list, message: str):
         """The outputs for a request that got no answer: the message as a warning and in the chat."""
         gr.Warning(message)
         history.append({"role": "assistant", "content": f"⚠️ {message}"})
-        return history, gr.skip(), "", gr.update(value=[], visible=False), *(gr.update(visible=False),) * 3
+        hidden = (gr.update(visible=False) for _ in OUTPUT_MODALITIES)
+        return history, gr.skip(), "", gr.update(value=[], visible=False), *hidden
 
     def build(self) -> gr.Blocks:
         accepted = [s for suffixes in ALLOWED_SUFFIXES.values() for s in suffixes]
@@ -178,11 +188,10 @@ class Demo:
                     tool = gr.Textbox(label="Chosen tool", interactive=False, elem_id="tool")
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="Most probable tools", interactive=False,
                                          column_widths=["72%", "28%"], visible=False, elem_id="tools")
-                    image = gr.Image(label="Generated image", visible=False, interactive=False)
-                    video = gr.Video(label="Generated video", visible=False, interactive=False)
-                    audio = gr.Audio(label="Generated audio", visible=False, interactive=False)
-                    gr.ClearButton([chat, box, tool, table, image, video, audio])
-            box.submit(self.respond, [box, chat, mode, top_k], [chat, box, tool, table, image, video, audio])
+                    media = [getattr(gr, entry.display)(label=f"Generated {name}", visible=False, interactive=False)
+                             for name, entry in OUTPUT_MODALITIES.items()]
+                    gr.ClearButton([chat, box, tool, table, *media])
+            box.submit(self.respond, [box, chat, mode, top_k], [chat, box, tool, table, *media])
         return page
 
 
@@ -201,13 +210,9 @@ def parse_args(argv):
                         help="move decoder parts to the GPU only while they run (less GPU memory, slower)")
     parser.add_argument("--output-dir", type=Path, default=project_root() / "outputs", help="where generated media go")
     parser.add_argument("--steps", type=int, default=25, help="diffusion steps for generated media")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    args = parser.parse_args(argv)
-    try:
-        args.decoders = dict(item.split("=", 1) for item in args.decoder)
-    except ValueError:
-        parser.error(f"--decoder takes MODALITY=DIR, e.g. --decoder image=pretrained_checkpoint/sd; got {args.decoder}")
-    return args
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings over the checkpoint config's, e.g. inference.chat_max_new_tokens=256")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,13 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.ckpt.is_dir():
         raise SystemExit(f"No checkpoint at {args.ckpt}. Train the tiny default first (bash scripts/run_tiny.sh, "
                          "about 15 min on CPU) or pass --ckpt with a folder written by training.")
-    from toollmm.assistant import Assistant
+    from toollmm.assistant import Assistant, parse_decoders  # here: the model code loads only to serve
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        assistant = Assistant(args.ckpt, device=device, decoders=args.decoders, offload=args.offload,
-                              output_dir=args.output_dir, steps=args.steps, max_new_tokens=args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as err:  # not a checkpoint, or one for another base model
+        assistant = Assistant.from_checkpoint(args.ckpt, device, args.overrides, decoders=parse_decoders(args.decoder),
+                                              offload=args.offload, output_dir=args.output_dir, steps=args.steps)
+    except (FileNotFoundError, ValueError) as err:  # not a checkpoint, one for another base model, a bad override
         raise SystemExit(f"Cannot load {args.ckpt}: {err}") from err
     title = f"Tool_LMM: {args.ckpt.parent.name}/{args.ckpt.name} on {device}"
     page = Demo(assistant, args.max_upload_mb, title).build()

@@ -1,8 +1,11 @@
-"""Any-to-any inference for one conversation turn: the interface the demo app and the prompt CLI call.
+"""The inference front-end: a checkpoint loaded once, answering requests (text plus optional media)
+with a tool choice or a chat reply, in batches. ``code/inference.py`` (split, data and prompt
+mode) and the demo app both answer through it.
 
-    assistant = Assistant("ckpt/tiny_chain/stage_3/final")
+    assistant = Assistant.from_checkpoint("ckpt/tiny_chain/stage_3/final", "cpu", ["inference.top_k=3"])
     reply = assistant.reply("Draw a red bus", mode="chat", on_text=print)
     reply.text, reply.media    # "...", [{"modality": "image", "path": "outputs/image_....png"}]
+    responses, top_k = assistant.answer_tools(prompt_ids, features, constrained=True, top_k=3)
 
 Input media are encoded by the checkpoint's ImageBind and fill the prompt's one media slot;
 several media have their features summed before the input projector, exactly as training
@@ -10,9 +13,10 @@ combines a row's media (``data.dataset.record_feature``). (NExT-GPT's
 ``extract_multimodal_feature`` summed the projected embeddings instead, which differs by the
 projector's bias counted once per medium.)
 
-``mode="tool"`` selects a tool as ``cli/inference.py`` does: constrained to the catalogue
-(the checkpoint's training data files, or ``catalogue=``), top-k by ``inference.top_k_method``.
-``mode="chat"`` generates freely. When a response holds a signal-token run (``[IMG0]..[IMG3]``)
+``answer_tools`` is the one path of tool answers: free or constrained to the catalogue (the
+checkpoint's training data files, or ``catalogue=``), plus the top k tools by
+``inference.top_k_method``. ``mode="tool"`` answers through it, always constrained; split and data
+mode call it with ``inference.constrained``. ``mode="chat"`` generates freely. When a response holds a signal-token run (``[IMG0]..[IMG3]``)
 and the checkpoint has output projectors, one more forward over prompt + response reads the
 run's last-layer states (the states training aligned; generation's own are not kept),
 ``ToolLMM.project_runs`` maps them to the decoder's conditioning, and the modality's diffusers
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +39,17 @@ from transformers.generation.streamers import BaseStreamer
 
 from toollmm.catalogue import AnswerTrie, load_catalogue
 from toollmm.checkpoint import load_for_inference
-from toollmm.config import OUTPUT_MODALITIES, resolve_path
-from toollmm.data.toolmmbench import MediaRef
+from toollmm.config import InferenceConfig, RunConfig, resolve_path
+from toollmm.data.records import MediaRef
 from toollmm.decoders import MediaDecoder
-from toollmm.generate import beam_top_k, generate_responses, left_pad, rank_tools, score_catalogue
+from toollmm.generate import generate_responses, left_pad, top_k_tools
 from toollmm.media import MediaError
+from toollmm.media import set_limits as set_media_limits
 from toollmm.modalities import MODALITIES
 from toollmm.model.toollmm import ToolLMM
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, MODES, STOP_STRING, build_example, parse_answer
+from toollmm.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
 _TAG = re.compile(r"<(Image|Audio|Video)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
@@ -82,6 +90,17 @@ def parse_prompt(text: str, media_root: str | Path | None = None) -> tuple[str, 
         media.append((modality, path))
     query = " ".join(_TAG.sub(" ", text).split())
     return query, media
+
+
+def parse_decoders(items: Sequence[str]) -> dict[str, str]:
+    """``--decoder`` values, ``["image=DIR", ...]`` → ``{"image": "DIR"}``; a ValueError names a malformed one."""
+    decoders = {}
+    for item in items:
+        modality, _, folder = item.partition("=")
+        if modality not in OUTPUT_MODALITIES or not folder:
+            raise ValueError(f"--decoder {item!r}: expected MODALITY=DIR with MODALITY one of {', '.join(OUTPUT_MODALITIES)}")
+        decoders[modality] = folder
+    return decoders
 
 
 def normalize_runs(ids: list[int], runs: dict[str, list[int]]) -> tuple[list[int], list[str]]:
@@ -148,58 +167,124 @@ class _TextPieces(BaseStreamer):
 
 
 class Assistant:
-    """A trained checkpoint answering prompts with text, a tool choice, or generated media.
+    """A loaded checkpoint answering requests (text plus optional media) with a tool choice or a
+    chat reply with generated media, in batches of ``inference.batch_size``: the one front-end of
+    ``code/inference.py`` (split, data and prompt mode) and the demo.
 
-    ``device``/``dtype`` (a torch dtype or "bf16"/"fp16"/"fp32"): default CUDA with the
-    checkpoint's ``model.dtype`` when available, else CPU in float32. ``decoders``: modality →
-    diffusers folder, over the checkpoint config's ``model.outputs.<modality>.decoder_path``;
-    each loads on first use. ``offload`` moves decoder submodules to the GPU only while they
-    run (less memory, slower). ``steps``: diffusion steps per generated file.
-    ``catalogue``: tool names (a list or a JSON file) for tool mode, instead of the tools of
-    the checkpoint's data files. ``llm_path``: the base LLM's folder, if it moved since training.
+    ``Assistant.from_checkpoint(ckpt, device, overrides)`` loads a checkpoint on the caller's
+    device; ``__init__`` takes a loaded model and computes where its weights are. Settings are
+    the config's ``inference`` section. ``decoders``: modality → diffusers folder, over the
+    checkpoint config's ``model.outputs.<modality>.decoder_path``; each loads on first use.
+    ``offload`` moves decoder submodules to the GPU only while they run (less memory, slower).
+    ``steps``: diffusion steps per generated file. ``catalogue``: tool names (a list or a JSON
+    file) for constrained and top-k answers, instead of the tools of the checkpoint's data files.
     """
 
-    def __init__(self, ckpt_dir, device=None, dtype=None, decoders: dict[str, str] | None = None,
-                 offload: bool = False, output_dir="outputs", steps: int = 25, max_new_tokens: int = 128,
-                 catalogue: Sequence[str] | str | Path | None = None, llm_path: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer, self.config, self.meta = load_for_inference(Path(ckpt_dir), self.device, dtype, llm_path)
+    def __init__(self, model: ToolLMM, tokenizer: PromptTokenizer, config: RunConfig, *,
+                 decoders: dict[str, str] | None = None, offload: bool = False, output_dir="outputs", steps: int = 25,
+                 catalogue: Sequence[str] | str | Path | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
         self.decoder_paths = {m: Path(d) for m, d in (decoders or {}).items()}
         unknown = set(self.decoder_paths) - set(OUTPUT_MODALITIES)
         if unknown:
             raise ValueError(f"decoders for {sorted(unknown)}: the output modalities are {list(OUTPUT_MODALITIES)}")
-        self.offload, self.output_dir, self.steps, self.max_new_tokens = offload, Path(output_dir), steps, max_new_tokens
+        self.offload, self.output_dir, self.steps = offload, Path(output_dir), steps
         self._catalogue_source = catalogue
         self._trie: AnswerTrie | None = None
         self._encoder = None
         self._features: dict[tuple, torch.Tensor] = {}
         self._decoders: dict[str, MediaDecoder] = {}
-        # One turn at a time: a UI may call from several threads, and the lazily built encoder,
-        # catalogue and decoders (and the GPU) are shared.
-        self._lock = threading.Lock()
+        # One request at a time: a UI may call from several threads, and the lazily built encoder,
+        # catalogue and decoders (and the GPU) are shared. Reentrant: a reply calls answer_tools.
+        self._lock = threading.RLock()
         signal = self.model.signal
         self._run_names = (re.compile("|".join(re.escape(n) for n in signal.names if n.startswith("[")))
                            if signal is not None else None)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, device: torch.device | str, overrides: Sequence[str] = (), dtype=None,
+                        **options) -> Assistant:
+        """Load ``ckpt_dir`` on ``device`` with ``key=value`` overrides of its config
+        (``inference.top_k=5``, ``model.llm_path=DIR``; checked before the model is built).
+        ``dtype`` (a torch dtype or "bf16"/"fp16"/"fp32"): default the checkpoint's
+        ``model.dtype`` on CUDA, float32 on a CPU. ``options``: those of ``__init__``."""
+        model, tokenizer, config, _ = load_for_inference(Path(ckpt_dir), device, dtype, overrides)
+        set_media_limits(config.data.media_limits)
+        return cls(model, tokenizer, config, **options)
+
+    @property
+    def settings(self) -> InferenceConfig:
+        return self.config.inference
+
     # ------------------------------------------------------------------ public
 
     def reply(self, prompt: str, media: Sequence[tuple[str, str | Path]] = (), mode: str = "chat",
-              top_k: int = 1, on_text: Callable[[str], None] | None = None) -> Reply:
+              top_k: int | None = None, on_text: Callable[[str], None] | None = None) -> Reply:
         """One answer; ``on_text`` gets the response as it is generated (chat mode; tool mode
-        calls it once with the chosen answer)."""
+        calls it once with the chosen answer). ``top_k``: default ``inference.top_k``."""
         return self._answer([prompt], [media], mode, top_k, on_text)[0]
 
     def reply_batch(self, prompts: Sequence[str], media_lists: Sequence[Sequence[tuple[str, str | Path]]] | None = None,
-                    mode: str = "chat", top_k: int = 1) -> list[Reply]:
-        """Answers for many prompts, generated in one batch (left padded); media files are decoded one by one."""
-        media_lists = media_lists if media_lists is not None else [()] * len(prompts)
+                    mode: str = "chat", top_k: int | None = None) -> list[Reply]:
+        """Answers for many prompts, generated in batches of ``inference.batch_size`` (left padded);
+        media files are decoded one by one."""
+        media_lists = list(media_lists) if media_lists is not None else [()] * len(prompts)
         if len(media_lists) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(media_lists)} media lists")
-        return self._answer(list(prompts), list(media_lists), mode, top_k, None)
+        size = self.settings.batch_size
+        return [reply for start in range(0, len(prompts), size)
+                for reply in self._answer(list(prompts[start : start + size]), media_lists[start : start + size],
+                                          mode, top_k, None)]
+
+    def set_catalogue(self, catalogue: Sequence[str] | str | Path | None) -> None:
+        """Tool names (a list or a JSON file) for constrained and top-k answers; None: the tools
+        of the checkpoint's data files."""
+        self._catalogue_source, self._trie = catalogue, None
+
+    def catalogue_trie(self) -> AnswerTrie:
+        """The catalogue's answer trie, built on first use; OSError or ValueError when it cannot be read."""
+        if self._trie is None:
+            source = self._catalogue_source
+            if source is None:
+                from toollmm.data import load_splits  # the data files are read only when a catalogue is needed
+
+                names = load_splits(self.config.data).catalogue
+            elif isinstance(source, (str, Path)):
+                names = load_catalogue(Path(source))
+            else:
+                names = sorted(set(source))
+            self._trie = AnswerTrie(self.tokenizer, names)
+        return self._trie
+
+    def answer_tools(self, prompts: list[torch.Tensor], features: list[torch.Tensor | None], constrained: bool,
+                     top_k: int, show_progress: bool = False) -> tuple[list[str], list[list[dict]] | None]:
+        """Tool answers for prompt token ids (media slots filled by ``features``): the responses
+        (free, or catalogue answers when ``constrained``) and, with ``top_k`` > 1, the ``top_k``
+        most probable catalogue tools per prompt (``inference.top_k_method``), else None."""
+        settings = self.settings
+        with self._lock:
+            trie = self.catalogue_trie() if constrained or top_k > 1 else None
+            start = time.perf_counter()
+            responses = generate_responses(
+                self.model, self.tokenizer, prompts, features, settings.batch_size, settings.max_new_tokens,
+                settings.temperature, settings.top_p, show_progress, constraint=trie if constrained else None,
+                cache=settings.cache, compile=settings.compile, max_batch_tokens=settings.max_batch_tokens)
+            seconds = time.perf_counter() - start
+            log.info("answered %d queries in %.1f s (%.1f queries/s, batch size %d, %s)", len(prompts), seconds,
+                     len(prompts) / max(seconds, 1e-9), settings.batch_size, "constrained" if constrained else "free")
+            if top_k == 1:
+                return responses, None
+            start = time.perf_counter()
+            ranked = top_k_tools(self.model, self.tokenizer, prompts, features, trie, top_k, settings.top_k_method,
+                                 settings.batch_size, settings.num_beams, show_progress)
+            log.info("top-%d (%s) in %.1f s", top_k, settings.top_k_method, time.perf_counter() - start)
+            return responses, ranked
 
     # ------------------------------------------------------------------ prompts
 
     def _answer(self, prompts, media_lists, mode, top_k, on_text) -> list[Reply]:
+        top_k = self.settings.top_k if top_k is None else top_k
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {list(MODES)}")
         if top_k < 1:
@@ -253,38 +338,16 @@ class Assistant:
 
     # ------------------------------------------------------------------ tool mode
 
-    def _catalogue_trie(self, warnings: list[list[str]]) -> AnswerTrie | None:
-        if self._trie is None:
-            source = self._catalogue_source
-            try:
-                if source is None:
-                    from toollmm.data import load_splits
-
-                    names = load_splits(self.config.data).catalogue
-                elif isinstance(source, (str, Path)):
-                    names = load_catalogue(Path(source))
-                else:
-                    names = sorted(set(source))
-                self._trie = AnswerTrie(self.tokenizer, names)
-            except (OSError, ValueError) as err:
-                for notes in warnings:
-                    notes.append(f"no tool catalogue ({err}); the answer is free generation, pass catalogue= to constrain it")
-                return None
-        return self._trie
-
     def _tools(self, ids, slot_features, top_k, warnings) -> list[Reply]:
-        settings, model = self.config.inference, self.model
-        trie = self._catalogue_trie(warnings)
-        responses = generate_responses(model, self.tokenizer, ids, slot_features, batch_size=len(ids),
-                                       max_new_tokens=self.max_new_tokens, temperature=settings.temperature,
-                                       top_p=settings.top_p, show_progress=False, constraint=trie)
-        ranked = None
-        if trie is not None and top_k > 1:
-            if settings.top_k_method == "exact":
-                ranked = rank_tools(score_catalogue(model, self.tokenizer, ids, slot_features, trie, show_progress=False),
-                                    trie, top_k)
-            else:
-                ranked = beam_top_k(model, self.tokenizer, ids, slot_features, trie, top_k, len(ids), show_progress=False)
+        """Catalogue answers (free generation, with a warning, when there is no catalogue)."""
+        constrained = True
+        try:
+            self.catalogue_trie()
+        except (OSError, ValueError) as err:
+            for notes in warnings:
+                notes.append(f"no tool catalogue ({err}); the answer is free generation, pass catalogue= to constrain it")
+            constrained, top_k = False, 1
+        responses, ranked = self.answer_tools(ids, slot_features, constrained, top_k)
         replies = []
         for i, response in enumerate(responses):
             tool = parse_answer(response)
@@ -295,7 +358,7 @@ class Assistant:
     # ------------------------------------------------------------------ chat mode
 
     def _chat(self, ids, slot_features, warnings, on_text) -> list[Reply]:
-        settings = self.config.inference
+        settings = self.settings
         input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)
         present = [e for e in slot_features if e is not None]
         embeds = self.model.embed_inputs(input_ids.to(self.device), torch.stack(present) if present else None)
@@ -303,7 +366,7 @@ class Assistant:
                     if settings.temperature > 0 else {"do_sample": False})
         streamer = _TextPieces(self._visible_ids, on_text) if on_text is not None else None
         output = self.model.llm.generate(
-            inputs_embeds=embeds, attention_mask=mask.to(self.device), max_new_tokens=self.max_new_tokens,
+            inputs_embeds=embeds, attention_mask=mask.to(self.device), max_new_tokens=self.settings.chat_max_new_tokens,
             stop_strings=[STOP_STRING], tokenizer=self.tokenizer.hf, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, top_k=None, streamer=streamer, **sampling,
         )

@@ -1,7 +1,9 @@
 """Caption embeddings: the targets NExT-GPT's stage 2 aligns the signal tokens to.
 
 A decoder is conditioned on its own text encoder's output for a caption, so the targets
-are that output, computed once per caption by ``process_embeddings.py``:
+are that output, computed once per caption by ``process_embeddings.py``. Each output
+modality's registry entry (``toollmm.output_modalities``) names its text encoder and how it
+encodes:
 
 - Stable Diffusion 1.5 and Zeroscope (``CLIPTextModel``): the last hidden state of the
   caption padded to the tokenizer's 77 tokens → (77, 768) and (77, 1024);
@@ -26,19 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import ClapTextModelWithProjection, CLIPTextModel, CLIPTokenizer, RobertaTokenizer
+import transformers
 
-from toollmm.config import OUTPUT_MODALITIES
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 # Bump when the tokenization or the forward below changes: stores made by older code are then refused.
 PREPROCESSING_VERSION = 1
-
-# text_encoder architecture → (model class, tokenizer class, short name used in identities)
-ENCODERS = {
-    "CLIPTextModel": (CLIPTextModel, CLIPTokenizer, "clip"),
-    "ClapTextModelWithProjection": (ClapTextModelWithProjection, RobertaTokenizer, "clap"),
-}
 
 
 class DecoderFolderError(ValueError):
@@ -95,25 +90,16 @@ class CaptionEncoder:
 
     def __init__(self, folder: Path, modality: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if modality not in OUTPUT_MODALITIES:
-            raise ValueError(f"modality {modality!r} is not one of the output modalities {OUTPUT_MODALITIES}")
+            raise ValueError(f"modality {modality!r} is not one of the output modalities {list(OUTPUT_MODALITIES)}")
         self.folder, self.modality = Path(folder), modality
+        self.encoding = OUTPUT_MODALITIES[modality].text_encoding
         encoder_dir, tokenizer_dir = self.folder / "text_encoder", self.folder / "tokenizer"
-        if not (encoder_dir / "config.json").is_file() or not tokenizer_dir.is_dir():
-            raise DecoderFolderError(
-                f"{self.folder} is not a diffusers decoder folder: it needs text_encoder/config.json (+ weights) "
-                f"and tokenizer/ (see pretrained_checkpoint/README.md; python -m toollmm.tiny_decoders builds tiny ones)"
-            )
-        architectures = json.loads((encoder_dir / "config.json").read_text()).get("architectures") or ["(none)"]
-        if architectures[0] not in ENCODERS:
-            raise DecoderFolderError(
-                f"{encoder_dir}/config.json names the architecture {architectures[0]}; caption embeddings support "
-                f"{' and '.join(ENCODERS)} (Stable Diffusion 1.5, Zeroscope, AudioLDM decoders)"
-            )
-        model_class, tokenizer_class, self.kind = ENCODERS[architectures[0]]
+        self._check_folder(encoder_dir, tokenizer_dir)
         weights, safetensors, variant = _weight_files(encoder_dir)
-        self.tokenizer = tokenizer_class.from_pretrained(tokenizer_dir)
+        self.tokenizer = getattr(transformers, self.encoding.tokenizer).from_pretrained(tokenizer_dir)
         # from_pretrained reads .bin files with torch.load(weights_only=True): no arbitrary unpickling.
-        self.model = model_class.from_pretrained(encoder_dir, dtype=dtype, use_safetensors=safetensors, variant=variant)
+        self.model = getattr(transformers, self.encoding.architecture).from_pretrained(
+            encoder_dir, dtype=dtype, use_safetensors=safetensors, variant=variant)
         self.model.to(device).eval().requires_grad_(False)
         self.max_length = self.tokenizer.model_max_length
         if not 0 < self.max_length <= self.model.config.max_position_embeddings:
@@ -121,11 +107,25 @@ class CaptionEncoder:
                 f"{tokenizer_dir}: model_max_length {self.max_length} does not fit the text encoder's "
                 f"{self.model.config.max_position_embeddings} positions; set it in tokenizer_config.json"
             )
-        config = self.model.config
-        self.out_shape = (self.max_length, config.hidden_size) if self.kind == "clip" else (config.projection_dim,)
+        self.out_shape = self.encoding.encoder_shape(self.model.config, self.max_length)
         tokenizer_files = sorted(p for p in tokenizer_dir.rglob("*") if p.is_file())
         digest = _digest([encoder_dir / "config.json", *weights, *tokenizer_files])
-        self.identity = f"{self.kind}-{shape_text(self.out_shape).replace('×', 'x')}-{digest[:16]}-p{PREPROCESSING_VERSION}"
+        shape = shape_text(self.out_shape).replace("×", "x")
+        self.identity = f"{self.encoding.short_name}-{shape}-{digest[:16]}-p{PREPROCESSING_VERSION}"
+
+    def _check_folder(self, encoder_dir: Path, tokenizer_dir: Path) -> None:
+        if not (encoder_dir / "config.json").is_file() or not tokenizer_dir.is_dir():
+            raise DecoderFolderError(
+                f"{self.folder} is not a diffusers decoder folder: it needs text_encoder/config.json (+ weights) "
+                f"and tokenizer/ (see pretrained_checkpoint/README.md; python -m toollmm.tiny_decoders builds tiny ones)"
+            )
+        architectures = json.loads((encoder_dir / "config.json").read_text()).get("architectures") or ["(none)"]
+        if architectures[0] != self.encoding.architecture:
+            entry = OUTPUT_MODALITIES[self.modality]
+            raise DecoderFolderError(
+                f"{encoder_dir}/config.json names the architecture {architectures[0]}; the {self.modality} decoder "
+                f"({entry.pipeline}) encodes captions with a {self.encoding.architecture}: pass its folder"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -137,13 +137,7 @@ class CaptionEncoder:
 
     def _forward(self, captions: list[str]) -> torch.Tensor:
         inputs = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
-        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device)
-        if self.kind == "clap":
-            return F.normalize(self.model(ids, attention_mask=mask).text_embeds, dim=-1)
-        # SD and Zeroscope pass the mask only when the encoder's config asks (no released CLIP
-        # does): the states at padding positions are part of the target.
-        use_mask = getattr(self.model.config, "use_attention_mask", False)
-        return self.model(ids, attention_mask=mask if use_mask else None)[0]
+        return self.encoding.encode(self.model, inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device))
 
     def encode(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
         """``captions`` → float32 ``(N, *out_shape)`` on the CPU, ``batch_size`` captions per forward."""

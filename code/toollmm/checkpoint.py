@@ -22,13 +22,15 @@ from pathlib import Path
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from toollmm.config import RunConfig, config_from_dict, resolve_path
+from toollmm.config import RunConfig, apply_inference_overrides, config_from_dict, resolve_path
 from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, avoid_cudnn_attention, build_model, checkpoint_state, load_trainable_state
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.signal_tokens import add_signal_tokens
 from toollmm.tokenization import PromptTokenizer, load_tokenizer
 
@@ -59,7 +61,7 @@ def outputs_identity(model: ToolLMM, config: RunConfig) -> dict | None:
     return {
         "signal_tokens": model.signal.to_dict(),
         "projector": outputs["projector"],
-        "targets": {m: [outputs[m]["target_tokens"], outputs[m]["target_dim"]] for m in ("image", "video", "audio")},
+        "targets": {m: [outputs[m]["target_tokens"], outputs[m]["target_dim"]] for m in OUTPUT_MODALITIES},
     }
 
 
@@ -147,14 +149,17 @@ def load_checkpoint(
 
 
 def load_for_inference(
-    ckpt_dir: Path, device: torch.device | str, dtype: torch.dtype | str | None = None, llm_path: str | None = None
+    ckpt_dir: Path, device: torch.device | str, dtype: torch.dtype | str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
     """``load_checkpoint``, made ready to answer: the config's dtype on CUDA (fp32 on a CPU,
     unless ``dtype`` says otherwise), frozen, and LoRA folded into the base when the config's
-    ``inference.merge_lora`` is on."""
+    ``inference.merge_lora`` is on. ``overrides``: ``key=value`` settings over the checkpoint
+    config's (``config.apply_inference_overrides``), checked before any model is built."""
     device = torch.device(device)
+    settings = apply_inference_overrides(read_checkpoint_config(ckpt_dir)[0], overrides)
     avoid_cudnn_attention(device)
-    model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=llm_path)
+    model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=settings.model.llm_path)
+    config.inference = settings.inference
     if dtype is None:
         dtype = config.model.dtype if device.type == "cuda" else torch.float32
     model.to(TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype).requires_grad_(False)

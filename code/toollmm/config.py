@@ -3,8 +3,9 @@
 A run's config is ``base.yaml`` + ``stage_<N>.yaml`` + any ``--config`` files + command-line
 overrides such as ``train.epochs=1`` (values parsed as YAML). The shipped YAML files are package
 data (``toollmm/configs/``): ``--config tiny`` names one of them, a path names a file of yours.
-Every key is a dataclass field below; its comment is its documentation. An unknown key is an
-error that names it and lists the keys allowed there.
+Every key is a dataclass field below, documented by the one-line string after it (what ``--help``
+lists, through ``toollmm.config_help``; docs/configuration.md says more where a line is not
+enough). An unknown key is an error that names it and lists the keys allowed there.
 
 Relative paths (checkpoints, data, output folders) are relative to the project root:
 ``TOOLLMM_ROOT`` if set, else the source checkout this package runs from (a clone with an
@@ -17,11 +18,14 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
@@ -74,27 +78,38 @@ class ConfigError(ValueError):
 @dataclass
 class LoraConfig:
     r: int = 32
+    """LoRA rank (published: 32)."""
     alpha: int = 32
+    """LoRA scaling: updates are scaled by alpha / r (published: 32)."""
     dropout: float = 0.1
+    """Dropout on LoRA's input, 0-1 (published: 0.1)."""
     target_modules: list[str] | None = None
-    """Module name suffixes LoRA adapts; null: the LLM family's attention projections
-    (``toollmm.model.families.LORA_TARGETS``; LLaMA's q/k/v/o as published); [all-linear]: every linear layer."""
+    """Module name suffixes LoRA adapts; null: the family's attention projections; [all-linear]: every linear."""
 
 
 @dataclass
 class OutputModalityConfig:
-    """One output modality (NExT-GPT): its signal-token run and its decoder's conditioning shape."""
+    """One output modality (NExT-GPT): its signal-token run and its decoder's conditioning shape.
+    Each ``model.outputs.<modality>`` section defaults to its published values
+    (``toollmm.output_modalities``); the class defaults are the image's."""
 
-    signal_tokens: int = 4
-    """Length of the run [IMG0]..[IMG<n-1>] (image 4, video 24, audio 8 as published)."""
-    target_tokens: int = 77
-    """Tokens of the decoder's text conditioning (77 for SD-1.5 and Zeroscope; 1 for AudioLDM's vector)."""
-    target_dim: int = 768
-    """Width of the decoder's text conditioning (SD-1.5 768, Zeroscope 1024, AudioLDM 512)."""
+    signal_tokens: int = OUTPUT_MODALITIES["image"].signal_tokens
+    """Length of the signal-token run, e.g. [IMG0]..[IMG3] (published: image 4, video 24, audio 8)."""
+    target_tokens: int = OUTPUT_MODALITIES["image"].target_tokens
+    """Tokens of the decoder's text conditioning (published: 77 for SD-1.5 and Zeroscope, 1 for AudioLDM)."""
+    target_dim: int = OUTPUT_MODALITIES["image"].target_dim
+    """Width of the decoder's text conditioning (published: SD-1.5 768, Zeroscope 1024, AudioLDM 512)."""
     loss_scale: float = 1.0
-    """Weight of this modality's alignment loss (published: 1; stage 3 video 2)."""
-    decoder_path: str = ""
-    """The decoder as a diffusers checkpoint folder; its text_encoder/ and tokenizer/ make the caption embeddings."""
+    """Weight of this modality's alignment loss (published: 1; video 2 in stage 3)."""
+    decoder_path: str = OUTPUT_MODALITIES["image"].decoder_path
+    """The decoder's diffusers folder; its text_encoder/ and tokenizer/ make the caption embeddings."""
+
+
+def published_output(name: str) -> OutputModalityConfig:
+    """The defaults of ``model.outputs.<name>``: its registry entry's published values."""
+    entry = OUTPUT_MODALITIES[name]
+    return OutputModalityConfig(signal_tokens=entry.signal_tokens, target_tokens=entry.target_tokens,
+                                target_dim=entry.target_dim, decoder_path=entry.decoder_path)
 
 
 @dataclass
@@ -102,11 +117,17 @@ class OutputProjectorConfig:
     """Signal-token hidden states → decoder conditioning. Defaults are the published transformer."""
 
     mode: Literal["transformer", "linear"] = "transformer"
+    """transformer: the published encoder-decoder projector; linear: a per-token linear map and a token mix."""
     hidden_size: int = 512
+    """Width of the transformer projector (published: 512)."""
     encoder_layers: int = 4
+    """Encoder layers of the transformer projector (published: 4)."""
     decoder_layers: int = 4
+    """Decoder layers of the transformer projector, reading target_tokens learned queries (published: 4)."""
     heads: int = 4
+    """Attention heads of the transformer projector (published: 4)."""
     ffn_size: int = 2048
+    """Feed-forward width of the transformer projector's layers (published: 2048)."""
 
 
 @dataclass
@@ -115,70 +136,55 @@ class OutputsConfig:
     caption-embedding targets. Off: the tool-only recipe (MLLM-Tool), vocabulary unchanged."""
 
     enabled: bool = False
+    """Add the signal tokens, output projectors and caption-embedding targets (stages 1-2 need it)."""
     projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
     train_rows: Literal["signal", "all"] = "signal"
-    """Rows of the embedding and LM head that train. signal: the added signal-token rows only
-    (stages 2-3), the base vocabulary fixed and without weight decay. all: both matrices whole,
-    with weight decay, in every stage, as NExT-GPT's ``resize_token_embeddings`` after freezing
-    the LLM left them (checkpoints then hold both matrices: 0.5 GB at 7B)."""
+    """Embedding and LM-head rows that train: signal (the added signal-token rows only) or all (whole)."""
     alignment_loss: Literal["l2", "mse"] = "l2"
-    """l2: mean over tokens of the Euclidean distance to the caption embedding (what the published
-    code minimises, calling it MSE); mse: mean squared error."""
-    image: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        4, 77, 768, 1.0, "pretrained_checkpoint/diffusion_ckpt/stable-diffusion-v1-5"))
-    video: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        24, 77, 1024, 1.0, "pretrained_checkpoint/diffusion_ckpt/zeroscope_v2_576w"))
-    audio: OutputModalityConfig = field(default_factory=lambda: OutputModalityConfig(
-        8, 1, 512, 1.0, "pretrained_checkpoint/diffusion_ckpt/audioldm-l-full"))
+    """l2: mean Euclidean distance to the caption embedding (as the published code); mse: mean squared error."""
+    # One section per entry of OUTPUT_MODALITIES, in its order (tests/test_config.py checks it).
+    image: OutputModalityConfig = field(default_factory=lambda: published_output("image"))
+    video: OutputModalityConfig = field(default_factory=lambda: published_output("video"))
+    audio: OutputModalityConfig = field(default_factory=lambda: published_output("audio"))
 
     def modality(self, name: str) -> OutputModalityConfig:
         return getattr(self, name)
 
-
-OUTPUT_MODALITIES = ("image", "video", "audio")
-
-
-def embedding_shape(output: OutputModalityConfig) -> tuple[int, ...]:
-    """Shape of one stored caption embedding: (tokens, dim), or (dim,) for a single vector (AudioLDM)."""
-    return (output.target_dim,) if output.target_tokens == 1 else (output.target_tokens, output.target_dim)
+    def target_shape(self, name: str) -> tuple[int, ...]:
+        """One caption embedding (and projector output) of modality ``name``: (tokens, dim), or
+        (dim,) where its decoder takes one pooled vector (AudioLDM)."""
+        output = self.modality(name)
+        return OUTPUT_MODALITIES[name].text_encoding.shape(output.target_tokens, output.target_dim)
 
 
 @dataclass
 class ModelConfig:
     llm_path: str = "pretrained_checkpoint/LLM_ckpt/vicuna_7b"
-    """Hugging Face causal-LM checkpoint folder (config.json, weights, tokenizer) of a family in
-    ``toollmm.model.families`` (LLaMA/Vicuna, Llama 3, Mistral, Qwen2, Gemma, Phi-3, ...)."""
+    """Hugging Face causal-LM folder (config.json, weights, tokenizer) of a family in toollmm.model.families."""
     imagebind_path: str = "pretrained_checkpoint/imagebind_ckpt/huge/imagebind_huge.pth"
-    """ImageBind state dict (the official imagebind_huge.pth layout)."""
+    """ImageBind state dict file (the official imagebind_huge.pth layout)."""
     imagebind_size: Literal["huge", "tiny"] = "huge"
-    """Architecture of the file at imagebind_path: huge (the official model) or the embedded tiny one."""
+    """Architecture of the imagebind_path file: huge (the official model) or tiny (the embedded tiny one)."""
     tuning: Literal["lora", "full"] = "lora"
-    """lora: the published recipe (LoRA on the LLM + input projector). full: the whole LLM
-    trains (the tiny random-init default, where LoRA on a random base cannot learn; a comparison
-    variant for the small pretrained one)."""
+    """lora: LoRA on the LLM plus the input projector (published); full: the whole LLM trains."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Precision of the LLM and of the DeepSpeed engine (fills the DeepSpeed config's fp16/bf16 sections)."""
+    """Precision of the LLM and of the DeepSpeed engine: bf16, fp16 (trains on CUDA only) or fp32."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend (sdpa, eager, flex_attention, flash_attention_2 if installed).
-    flex_attention is for ``train.packing`` on CUDA: transformers turns the restarting position ids
-    into a block mask whose skipped blocks cost nothing, where SDPA needs a dense mask and a slower
-    kernel. Training only (no CPU backward): checkpoints answer with sdpa."""
+    """transformers attention backend: sdpa, eager, flex_attention, flash_attention_2/_3 if installed."""
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     base_check: Literal["refuse", "warn"] = "refuse"
-    """A checkpoint put on a base of the same shape whose weights differ (fingerprint in checkpoint.json): refuse or warn."""
+    """A checkpoint put on a base whose weights differ from its recorded fingerprint: refuse or warn."""
 
 
 @dataclass
 class DataFile:
     path: str = ""
-    """A JSON list in the ToolMMBench schema."""
+    """A JSON list of rows in the ToolMMBench schema."""
     media_root: str = ""
     """Folder the rows' image_path / audio_path / video_path are relative to."""
     media_layout: Literal["flat", "published"] = "flat"
-    """flat: every path is ``media_root/<path>``. published: the authors' ``mm_dataset/``, where
-    images are ``media_root/image/<image_path>``, audio ``media_root/audio/<audio_path>`` and
-    video ``media_root/<video_path>`` (those paths already start with ``video/``)."""
+    """flat: media at media_root/<path>; published: the authors' mm_dataset/ layout (image/, audio/ subfolders)."""
 
 
 @dataclass
@@ -187,20 +193,21 @@ class CaptionFile:
     webvid.json, audiocap.json), a *_comprehension.json or a *_generation.json file."""
 
     modality: Literal["image", "video", "audio"] = "image"
+    """The medium of the file's rows: image, video or audio."""
     path: str = ""
+    """A pair index (cc3m.json, webvid.json, audiocap.json), a *_comprehension.json or a *_generation.json file."""
     media_root: str = ""
     """Folder of the media files the rows name."""
     embeddings_dir: str = ""
-    """Caption embeddings of this file's captions, written by process_embeddings.py (stage 2 and
-    generation rows of stage 3)."""
+    """Caption embeddings written by process_embeddings.py (stage 2, and stage 3's generation rows)."""
 
 
 @dataclass
 class SplitConfig:
     test_fraction: float = 0.0
-    """0: no split (train on train_files, evaluate on eval_files). >0: pool train_files and
-    eval_files, and hold out this fraction of distinct queries as the test split."""
+    """0: train on train_files, evaluate on eval_files; >0: pool both and hold out this fraction of queries."""
     seed: int = 0
+    """Seed of the held-out split's draw (with test_fraction > 0)."""
 
 
 @dataclass
@@ -209,48 +216,48 @@ class MediaLimits:
     skip, not an allocation of gigabytes (a 444-byte WAV can claim 2**31 - 1 samples a second)."""
 
     min_audio_sample_rate: int = 4000
-    """Hz; resampling a lower rate up to 16 kHz multiplies the samples (1 Hz: 16000 times)."""
+    """Lowest audio sample rate decoded, in Hz (resampling up to 16 kHz multiplies the samples)."""
     max_audio_sample_rate: int = 192000
+    """Highest audio sample rate decoded, in Hz."""
     max_audio_channels: int = 8
+    """Most audio channels decoded."""
     max_audio_seconds: float = 3600.0
+    """Longest audio decoded, in seconds."""
     max_image_pixels: int = 50_000_000
-    """Width × height (PIL refuses 2 × 89.5 M on its own; this is the bound below it)."""
+    """Largest image decoded, in pixels (width × height), a bound below PIL's own."""
     max_video_frames: int = 1_000_000
+    """Most video frames decoded."""
     max_video_seconds: float = 14400.0
+    """Longest video decoded, in seconds."""
     max_video_pixels: int = 50_000_000
-    """Width × height of one frame, checked on the first frame decoded, before the others (decord reads no frame size from the header)."""
+    """Largest video frame decoded, in pixels (width × height), checked on the first frame decoded."""
 
 
 @dataclass
 class DataConfig:
     train_files: list[DataFile] = field(default_factory=list)
+    """Tool-selection training files, each {path, media_root, media_layout} (stage 3)."""
     eval_files: list[DataFile] = field(default_factory=list)
+    """Tool-selection evaluation files, each {path, media_root, media_layout}."""
     caption_files: list[CaptionFile] = field(default_factory=list)
     """Stages 1-2: caption pairs (stage 1: X → caption; stage 2: caption → signal tokens)."""
     instruction_files: list[CaptionFile] = field(default_factory=list)
-    """Stage 3 besides train_files: *_comprehension.json (X → text) and *_generation.json
-    (text → X: responses carry signal tokens) files."""
+    """Stage 3 besides train_files: *_comprehension.json (X → text) and *_generation.json (text → X)."""
     caption_prompt: str = "generate a caption"
-    """Stage 1's instruction after the medium (published)."""
+    """Stage 1's instruction after the medium (published: generate a caption)."""
     split: SplitConfig = field(default_factory=SplitConfig)
     missing_media: Literal["skip", "text_only", "error"] = "skip"
-    """What to do with a row whose media file is missing: skip it (counted and reported),
-    use it without the media (text-only prompt, counted and reported), or stop."""
+    """A row whose media file is missing: skip it, text_only (use it without the media), or error (stop)."""
     duplicate_rows: Literal["keep", "drop"] = "keep"
-    """keep: every training row is an example, as the original (545 of the 2944 audio rows
-    repeat a (query, media, tool) of another). drop: each (query, media, tool) once."""
+    """keep: every training row is an example (as published); drop: each (query, media, tool) once."""
     tool_names: Literal["verbatim", "stripped"] = "verbatim"
-    """Tool names in the training targets: verbatim as the rows write them (as the original;
-    28 evaluation rows have a leading space), or whitespace-stripped. Evaluation and the
-    catalogue compare stripped names either way."""
+    """Tool names in the training targets: verbatim as the rows write them (as published), or stripped."""
     sampling: Literal["shuffled_union", "published"] = "shuffled_union"
-    """How an epoch is drawn. shuffled_union: every example once, from one shuffled pool of all
-    files. published: the original's multi-dataset sampler (each micro-batch from one data file,
-    largest file × number of files examples an epoch, smaller files oversampled)."""
+    """shuffled_union: every example once from one shuffled pool; published: each micro-batch from one file."""
     max_tgt_len: int = 512
-    """Cap on the tokens after the media slot (query + answer), as the original's max_tgt_len."""
+    """Cap on the tokens after the media slot, query + answer (published: 512)."""
     feature_cache_dir: str = "data/cache/features"
-    """Cached encoder features, keyed by file content and encoder identity."""
+    """Folder of cached encoder features, keyed by file content and encoder identity."""
     train_eval_queries: int = 200
     """How many training queries the main job also scores (to show the model learned)."""
     media_limits: MediaLimits = field(default_factory=MediaLimits)
@@ -262,112 +269,111 @@ class TrainConfig:
     (``model.dtype``) make the DeepSpeed config (``toollmm.engine.deepspeed_config``)."""
 
     stage: int = 3
+    """1: encoder alignment, 2: decoder alignment, 3: instruction tuning (set by --stage)."""
     output_dir: str = "ckpt/toollmm_vicuna_7b"
+    """Folder of the run's config, metrics, checkpoints and resume states."""
     epochs: int = 5
+    """Passes over the training data (published: 5 in stage 3, 1 in stages 1-2)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: train all epochs)."""
     max_time_s: float = 0.0
-    """Stop after this many seconds of training (0: no limit). The LR schedule still spans
-    the planned steps, so a time-limited run ends mid-schedule."""
+    """Stop after this many seconds of training (0: no limit); the LR schedule still spans the planned steps."""
     micro_batch_size: int = 4
+    """Examples per GPU in one forward and backward pass (published: 4 in stage 3)."""
     gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step (published: 4 in stage 3)."""
     train_batch_size: int | None = 64
-    """Must equal micro_batch_size × gradient_accumulation_steps × world size (null: computed)."""
+    """Examples per optimizer step: micro_batch_size × gradient_accumulation_steps × world size (null: computed)."""
     learning_rate: float = 5e-4
-    """Peak learning rate of AdamW: the warm-up rises to it, then it decays linearly to 0 (WarmupDecayLR)."""
+    """Peak AdamW learning rate, reached after warm-up, then decayed linearly to 0 (published: 5e-4)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW's (beta1, beta2)."""
+    """AdamW's (beta1, beta2) (published: [0.9, 0.95])."""
     weight_decay: float = 0.001
-    """AdamW's decoupled weight decay (none on vocabulary matrices that train in their signal-token rows only)."""
+    """AdamW's decoupled weight decay, not on vocabulary matrices that train in signal rows only (published: 0.001)."""
     adam_eps: float = 1e-8
+    """AdamW's epsilon (published: 1e-8)."""
     gradient_clipping: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
+    """Clip the global gradient norm to this (0: no clipping; published: 1.0)."""
     warmup_rate: float = 0.1
+    """Warm-up length as a fraction of the planned optimizer steps, 0-1 (published: 0.1)."""
     warmup_rule: Literal["ceil", "published"] = "ceil"
-    """Warm-up steps from warmup_rate × planned steps T: ceil is max(1, ceil(rate·T)); published is
-    max(10, int(rate·T)), as both originals (at least 10 steps even in a short run)."""
+    """Warm-up steps of T planned: ceil is max(1, ceil(rate·T)); published is max(10, int(rate·T))."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage, 1-3. 3 also shards the weights, the frozen base included, across the
-    ranks, loading the base straight into shards (docs/architecture.md#zero-3)."""
+    """DeepSpeed ZeRO stage 1, 2 or 3; 3 also shards the weights, the frozen base included (published: 2)."""
     offload_optimizer: bool = False
-    """ZeRO-Offload of the optimizer to the CPU, as the original's DeepSpeed config (slower; for small cards)."""
+    """ZeRO-Offload the optimizer to the CPU: slower, for small GPUs (the original's DeepSpeed setting)."""
     grad_overflow_check: bool = True
-    """bf16: DeepSpeed's scan of every gradient for inf/NaN before each optimizer step, which skips
-    a step that has one (fp16 always scans). Its host time is measured in docs/performance.md."""
+    """bf16: scan every gradient for inf/NaN before each step and skip a step that has one."""
     deepspeed_config: str | None = None
-    """A JSON file of further DeepSpeed settings (e.g. ZeRO-3 tuning); it may not set what the
-    keys above set (``DEEPSPEED_KEYS``). null: none."""
+    """JSON file of further DeepSpeed settings, none that the keys here set (null: none)."""
     seed: int = 0
+    """Seed of the initialisation, dropout and data order (each rank adds its rank)."""
     init_from: str | None = None
     """A previous stage's checkpoint to start from (checked: same base, signal tokens and projectors)."""
     save_every_steps: int = 0
-    """0: save at the end of each epoch and at the end."""
+    """Save a checkpoint every this many optimizer steps (0: at the end of each epoch) and at the end."""
     keep_last: int = 2
+    """How many checkpoints and resume states to keep, the newest (0: keep all)."""
     held_out_tools: bool = False
-    """Stage 3: the loss and token accuracy on the test split's tool rows (one example per
-    acceptable tool), before and after training, in held_out.json (stages 1 and 2 always measure
-    their held-out captions). Off by default: two more passes over the test split."""
+    """Stage 3: loss and token accuracy on the test split's tool rows, before and after training."""
     resume: bool = False
-    """Continue from the newest resumable state in output_dir."""
+    """Continue from the newest resumable state in output_dir (also --resume)."""
     overwrite: bool = False
-    """A new run into an output_dir holding another run's files: delete those files first (without it, refused)."""
+    """Delete another run's files in output_dir before a new run (without it, such a folder is refused)."""
     num_workers: int = 0
+    """DataLoader worker processes (0: batches are built in the training process)."""
     log_every_steps: int = 1
+    """Write a metrics record every this many optimizer steps."""
     answer_logits_only: bool = True
     """Run the LM head on the answer positions only (same loss, less memory and compute)."""
     max_nonfinite_in_a_row: int = 10
-    """Micro-batches with a non-finite loss are skipped (counted in metrics); this many in a row stop the run."""
+    """Micro-batches with a non-finite loss are skipped; this many in a row stop the run."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in the backward pass: less memory, about a third more compute."""
     checkpoint_above_tokens: int = 0
-    """With gradient_checkpointing off: recompute only micro-batches of more than this many (padded)
-    tokens, so the rare longest batches alone pay the recompute. 0: never."""
+    """Recompute only micro-batches of more than this many padded tokens (0: never)."""
     packing: bool = False
-    """Pack each micro-batch's examples into rows of at most ``pack_length`` tokens (position ids
-    restart per example; no token attends across examples) instead of padding them."""
+    """Pack each micro-batch's examples into rows of at most pack_length tokens instead of padding them."""
     pack_length: int = 1024
+    """Longest packed row, in tokens (with packing; at least the longest example)."""
     group_by_length: bool = False
-    """Batch examples of similar length together: less padding, same per-example loss, but not the
-    same optimization (docs/performance.md); off reproduces the original's random batches."""
+    """Batch examples of similar length together: less padding, but not the same optimization."""
     length_group_batches: int = 32
-    """With ``group_by_length``: how many global batches are sorted by length together (more: less
-    padding, batches less random in content)."""
+    """With group_by_length: how many global batches are sorted by length together."""
     compile: bool = False
-    """torch.compile each LLM decoder layer (dynamic shapes, compiled once for all layers); the
-    first step pays the compile. Gains little under ZeRO-3 (docs/performance.md)."""
+    """torch.compile each LLM decoder layer; the first step pays the compile."""
     profile_steps: int = 0
-    """Profile this many optimizer steps after 3 warm-up steps (torch.profiler, rank 0):
-    ``profile.txt`` (operators by GPU time) and ``profile_trace.json`` (Chrome/Perfetto) in output_dir."""
+    """Profile this many optimizer steps after 3 warm-up steps into output_dir (0: no profile)."""
 
 
 @dataclass
 class InferenceConfig:
     batch_size: int = 16
+    """Queries or prompts per generation batch."""
     max_new_tokens: int = 64
+    """Token limit of a tool answer."""
     temperature: float = 0.0
-    """0: greedy. The original's inference.py sampled with temperature 0.4 and top_p 1.0 (the
-    top_p 0.7 of its config is never read), up to 512 new tokens, in fp16: inference.temperature=0.4
-    inference.max_new_tokens=512 model.dtype=fp16."""
+    """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
+    """Nucleus sampling's probability mass, with temperature > 0 (1: all tokens)."""
     constrained: bool = False
     """Decode only answers of the tool catalogue (never a malformed or invented tool)."""
     top_k: int = 1
     """K > 1 adds K distinct catalogue tools with their log-probability to each answer."""
     top_k_method: Literal["beam", "exact"] = "beam"
-    """beam: beam search over the catalogue trie (2K beams); exact: score every catalogue answer."""
+    """beam: beam search over the catalogue trie (fast, may miss a better tool); exact: score every answer."""
+    num_beams: int | None = None
+    """Beams of top_k_method beam (null: 2K; more beams find the exact top K more often)."""
+    chat_max_new_tokens: int = 128
+    """Token limit of a chat reply (--mode chat, the demo's chat)."""
     merge_lora: bool = True
     """Fold LoRA into the base weights before answering (faster decoding; false keeps the adapters apart)."""
     max_batch_tokens: int | None = None
-    """Cap on a generation batch's KV cache, in padded tokens (rows × (longest prompt +
-    max_new_tokens)): batches of long prompts get fewer rows. A 7B model's cache takes 0.5 MiB
-    a token in bf16, so 65536 tokens are 32 GiB."""
+    """KV-cache cap of a generation batch, padded tokens: rows × (longest prompt + max_new_tokens); null: none."""
     cache: Literal["dynamic", "static"] = "static"
-    """KV cache of generation: static is preallocated (prompt + max_new_tokens) and written in
-    place; dynamic grows by concatenation, which copies the whole cache every step (7B, H100,
-    2397 queries at batch 512: 13.4 s static, 24.8 s dynamic; equal on the tiny CPU model)."""
+    """KV cache of generation: static (preallocated, written in place) or dynamic (grows, copied every step)."""
     compile: bool = False
-    """With ``cache: static`` on CUDA, let transformers compile the decoding step (CUDA graphs):
-    faster steps after a compile of tens of seconds for a 7B model, repeated per batch shape."""
+    """With cache static on CUDA, compile the decoding step (CUDA graphs): faster steps after a compile."""
 
 
 @dataclass
@@ -503,6 +509,9 @@ RANGES = {
     "model.lora.r": (1, None, True), "model.lora.alpha": (0, None, False), "model.lora.dropout": (0, 1, True),
     "inference.batch_size": (1, None, True), "inference.max_new_tokens": (1, None, True),
     "inference.temperature": (0, None, True), "inference.top_p": (0, 1, False),
+    **{f"model.outputs.{m}.{key}": (low, None, True) for m in OUTPUT_MODALITIES
+       for key, low in (("signal_tokens", 1), ("target_tokens", 1), ("target_dim", 1), ("loss_scale", 0))},
+    "inference.chat_max_new_tokens": (1, None, True),
 }
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -521,9 +530,20 @@ def check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + ("" if math.isfinite(value) else " (not finite)"))
 
 
+def check_pooled_outputs(outputs: OutputsConfig) -> None:
+    """A decoder conditioned on one pooled vector (AudioLDM) takes one target token."""
+    for name, entry in OUTPUT_MODALITIES.items():
+        if entry.text_encoding.pooled and outputs.modality(name).target_tokens != 1:
+            raise ConfigError(
+                f"model.outputs.{name}.target_tokens must be 1: the {name} decoder ({entry.pipeline}) is conditioned on "
+                f"one {outputs.modality(name).target_dim}-d vector, got {outputs.modality(name).target_tokens}"
+            )
+
+
 def validate(config: RunConfig) -> None:
     t = config.train
     check_ranges(config)
+    check_pooled_outputs(config.model.outputs)
     if config.model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} is not one of {list(ATTENTION)}")
     if config.model.tuning == "lora" and config.model.lora.target_modules == []:
@@ -537,10 +557,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"stage {t.stage} trains on caption pairs: list them in data.caption_files")
     if t.stage in (1, 2) and not config.model.outputs.enabled:
         raise ConfigError(f"stage {t.stage} needs the signal tokens: set model.outputs.enabled=true")
-    if config.inference.top_k < 1:
-        raise ConfigError(f"inference.top_k must be at least 1, got {config.inference.top_k}")
-    if config.inference.max_batch_tokens is not None and config.inference.max_batch_tokens < 1:
-        raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {config.inference.max_batch_tokens}")
+    validate_inference(config.inference)
     if t.held_out_tools and not (t.stage == 3 and config.data.train_files
                                  and (config.data.eval_files or config.data.split.test_fraction > 0)):
         raise ConfigError("train.held_out_tools measures the test split's tool rows in stage 3: it needs stage 3, "
@@ -552,6 +569,40 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t.betas}")
+
+
+def validate_inference(settings: InferenceConfig) -> None:
+    """The ``inference`` section's checks across fields (ranges are in ``RANGES``)."""
+    if settings.top_k < 1:
+        raise ConfigError(f"inference.top_k must be at least 1, got {settings.top_k}")
+    if settings.max_batch_tokens is not None and settings.max_batch_tokens < 1:
+        raise ConfigError(f"inference.max_batch_tokens must be at least 1 (or null: no cap), got {settings.max_batch_tokens}")
+    if settings.num_beams is not None and (settings.top_k == 1 or settings.top_k_method != "beam"):
+        raise ConfigError("inference.num_beams applies to inference.top_k > 1 with inference.top_k_method=beam only: "
+                          "set those, or inference.num_beams=null")
+    if settings.num_beams is not None and settings.num_beams < settings.top_k:
+        raise ConfigError(f"inference.num_beams={settings.num_beams} cannot return {settings.top_k} tools: "
+                          f"set inference.num_beams={settings.top_k} or more")
+
+
+INFERENCE_OVERRIDES = ("inference.", "model.llm_path")
+"""What a checkpoint's config takes at inference: the rest describes the trained model."""
+
+
+def apply_inference_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A checkpoint's config with inference-time ``key=value`` overrides (``inference.top_k=5``,
+    ``model.llm_path=DIR`` if the base moved), checked as training checks its own."""
+    merged = config.to_dict()
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" in text and not key.startswith(INFERENCE_OVERRIDES):
+            raise ConfigError(f"override {key}: inference takes inference.<key>=VALUE and model.llm_path=DIR; "
+                              "the other sections describe the trained checkpoint")
+        merged = _merge(merged, parse_override(text))
+    updated = config_from_dict(RunConfig, merged)
+    check_ranges(updated)
+    validate_inference(updated.inference)
+    return updated
 
 
 def check_batch_arithmetic(config: RunConfig, world_size: int) -> int:

@@ -36,6 +36,7 @@ from toollmm.features import encoder_identity
 from toollmm.model.families import ALL_LINEAR, lora_targets
 from toollmm.model.imagebind import ImageBindConfig
 from toollmm.model.toollmm import build_model, checkpoint_tensors, load_trainable_state
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,7 @@ def import_delta(delta_path: Path, config: RunConfig, out_dir: Path) -> Path:
 # modality, the LoRA weights in stage 3, and the whole embedding and LM head, which its
 # resize_token_embeddings after freezing the LLM left trainable (vocabulary + 38 added tokens:
 # <Img>, </Img>, [IMG0..3], [VID0..23], [AUD0..7], the order and ids of ours).
-NEXTGPT_PROJECTORS = {"gen_text_hidden_fcs.0.": "image", "gen_text_hidden_fcs_video.0.": "video",
-                      "gen_text_hidden_fcs_audio.0.": "audio"}
+NEXTGPT_PROJECTORS = {m.nextgpt_projector: m.name for m in OUTPUT_MODALITIES.values()}
 NEXTGPT_VOCAB = re.compile(r"^llama_model\.(?:base_model\.model\.)?(model\.embed_tokens|lm_head)\.weight$")
 VOCAB_SUFFIXES = {"model.embed_tokens": "embed_tokens.weight", "lm_head": "lm_head.weight"}
 

@@ -266,6 +266,61 @@ def score(predicted: dict, question_id, reference, catalogue: set[str]) -> Count
     return outcome
 
 
+@dataclass
+class Answers:
+    """The prediction file read per question: the tool under each answer rule and the ranked tools."""
+
+    tool: dict
+    """question id → the tool (stripped) read up to the stop string, None when malformed."""
+    first_line_tool: dict
+    """question id → the tool read from the response's first line (the original's rule)."""
+    ranked: dict
+    """question id → distinct tools of its ``top_k``, best first (questions with one only)."""
+
+
+def read_answers(predictions: list[dict], references: dict) -> Answers:
+    """Each prediction's tools; an unknown or repeated ``question_id`` is an error."""
+    answers = Answers({}, {}, {})
+    for prediction in predictions:
+        question_id = prediction["question_id"]
+        if question_id not in references:
+            raise ValueError(f"prediction for unknown question_id {question_id!r}")
+        if question_id in answers.tool:
+            raise ValueError(f"more than one prediction for question_id {question_id!r}")
+        tool = prediction["tool"] if "tool" in prediction else parse_answer(prediction["response"])
+        answers.tool[question_id] = tool.strip() if tool else None
+        first_line = parse_answer(prediction["response"], "first_line") if "response" in prediction else tool
+        answers.first_line_tool[question_id] = first_line.strip() if first_line else None
+        if prediction.get("top_k") is not None:
+            answers.ranked[question_id] = ranked_tools(prediction["top_k"], question_id)
+    return answers
+
+
+def recall_hits(tools: list[str] | None, reference: Reference, max_k: int) -> Counter:
+    """One question's recall@1..max_k (``tools``: its ranked tools, None without ``top_k``)."""
+    hits = Counter(n=1, with_top_k=int(tools is not None))
+    rank = next((i for i, t in enumerate(tools or []) if t in reference.acceptable), None)
+    for k in range(1, max_k + 1):
+        hits[f"recall@{k}"] = int(rank is not None and rank < k)
+    return hits
+
+
+def recall_metrics(hits: dict[str, Counter], references: dict, max_k: int) -> dict:
+    """recall@1..max_k overall and per input modality, from each question's ``recall_hits``."""
+    overall: Counter = Counter()
+    by_modality: dict[str, Counter] = {}
+    for question_id, reference in references.items():
+        overall.update(hits[question_id])
+        by_modality.setdefault(reference.input_modality, Counter()).update(hits[question_id])
+
+    def rates(counts: Counter) -> dict:
+        return {"n": counts["n"], "with_top_k": counts["with_top_k"],
+                **{f"recall@{k}": counts[f"recall@{k}"] / counts["n"] for k in range(1, max_k + 1)}}
+
+    return {"k": max_k, "overall": rates(overall),
+            "by_modality": {m: rates(by_modality[m]) for m in sorted(by_modality, key=_modality_sort_key)}}
+
+
 def evaluate_predictions(
     predictions: list[dict],
     references: dict,
@@ -281,38 +336,19 @@ def evaluate_predictions(
     if outside:
         # A correct answer would otherwise count as a hallucination.
         raise ValueError(f"{len(outside)} acceptable tools are not in the catalogue, e.g. {outside[:5]}")
-
-    predicted_tool: dict = {}
-    first_line_tool: dict = {}
-    ranked: dict = {}
-    for prediction in predictions:
-        question_id = prediction["question_id"]
-        if question_id not in references:
-            raise ValueError(f"prediction for unknown question_id {question_id!r}")
-        if question_id in predicted_tool:
-            raise ValueError(f"more than one prediction for question_id {question_id!r}")
-        tool = prediction["tool"] if "tool" in prediction else parse_answer(prediction["response"])
-        predicted_tool[question_id] = tool.strip() if tool else None
-        first_line = parse_answer(prediction["response"], "first_line") if "response" in prediction else tool
-        first_line_tool[question_id] = first_line.strip() if first_line else None
-        if prediction.get("top_k") is not None:
-            ranked[question_id] = ranked_tools(prediction["top_k"], question_id)
-
-    missing = [qid for qid in references if qid not in predicted_tool]
+    answers = read_answers(predictions, references)
+    missing = [qid for qid in references if qid not in answers.tool]
     if missing and not allow_missing:
         raise ValueError(f"{len(missing)} references have no prediction, e.g. {missing[:5]}")
 
-    max_k = max((len(tools) for tools in ranked.values()), default=0)
     overall: Counter = Counter()
     groups: dict[str, dict[str, Counter]] = {name: {} for name in BREAKDOWNS}
     sources: dict[str, Counter] = {"ifambiguity": Counter(), "onetomulti": Counter()}
-    recall_overall: Counter = Counter()
-    recall_by_modality: dict[str, Counter] = {}
     by_rule = {rule: Counter() for rule in ANSWER_RULES}
     for question_id, reference in references.items():
-        outcome = score(predicted_tool, question_id, reference, catalogue)
+        outcome = score(answers.tool, question_id, reference, catalogue)
         by_rule["stop_string"].update(outcome)
-        by_rule["first_line"].update(score(first_line_tool, question_id, reference, catalogue))
+        by_rule["first_line"].update(score(answers.first_line_tool, question_id, reference, catalogue))
         overall.update(outcome)
         question_groups = reference.groups()
         for breakdown, (group, _) in question_groups.items():
@@ -320,36 +356,17 @@ def evaluate_predictions(
         sources["ifambiguity"][question_groups["by_ambiguity_flag"][1]] += 1
         sources["onetomulti"][question_groups["by_onetomulti"][1]] += 1
 
-        if max_k:
-            tools = ranked.get(question_id)
-            hits = Counter(n=1, with_top_k=int(tools is not None))
-            rank = next((i for i, t in enumerate(tools or []) if t in reference.acceptable), None)
-            for k in range(1, max_k + 1):
-                hits[f"recall@{k}"] = int(rank is not None and rank < k)
-            recall_overall.update(hits)
-            recall_by_modality.setdefault(reference.input_modality, Counter()).update(hits)
-
-    def recall_rates(counts: Counter) -> dict:
-        return {"n": counts["n"], "with_top_k": counts["with_top_k"],
-                **{f"recall@{k}": counts[f"recall@{k}"] / counts["n"] for k in range(1, max_k + 1)}}
-
-    metrics = {
+    max_k = max((len(tools) for tools in answers.ranked.values()), default=0)
+    hits = {qid: recall_hits(answers.ranked.get(qid), ref, max_k) for qid, ref in references.items()}
+    return {
         "overall": _rates(overall),
         **{breakdown: {g: _rates(by_group[g]) for g in sorted(by_group, key=lambda g: _group_sort_key(breakdown, g))}
            for breakdown, by_group in groups.items()},
         "breakdown_sources": {name: dict(sorted(counts.items())) for name, counts in sources.items()},
         "missing_predictions": overall["missing_predictions"],
         "answer_rules": {rule: {"label": ANSWER_RULES[rule], **_rates(counts)} for rule, counts in by_rule.items()},
-        "top_k_recall": None,
+        "top_k_recall": recall_metrics(hits, references, max_k) if max_k else None,
     }
-    if max_k:
-        metrics["top_k_recall"] = {
-            "k": max_k,
-            "overall": recall_rates(recall_overall),
-            "by_modality": {m: recall_rates(recall_by_modality[m])
-                            for m in sorted(recall_by_modality, key=_modality_sort_key)},
-        }
-    return metrics
 
 
 def most_frequent_tool_baseline(train_tools: list[str], references: dict) -> tuple[str, dict]:
@@ -511,7 +528,7 @@ def write_reports(
     recall = format_recall_table(runs if len(runs) > 1 else metrics)
     report += ["## Top-k recall", ""]
     if recall is None:
-        report.append("No prediction file carries `top_k` (inference.py `--top-k K`).\n")
+        report.append("No prediction file carries `top_k` (inference.py `inference.top_k=K`).\n")
     else:
         report.append(recall)
         without = [label or "predictions" for label, run in runs.items() if not run.get("top_k_recall")]

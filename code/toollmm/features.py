@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from toollmm.data.toolmmbench import DataReport, MediaRef, Record
+from toollmm.data.records import DataReport, MediaRef, Record
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
 from toollmm.model.imagebind import ImageBindConfig, load_imagebind
@@ -271,9 +271,18 @@ def extract_features(
     """
     refs = sorted(set(refs), key=lambda r: (r.modality, str(r.path)))
     result = Extraction()
-    dtype_name = {v: k for k, v in DTYPES.items()}.get(encoder.dtype, str(encoder.dtype))
+    misses = _look_up(refs, cache, keep_features, result)
+    if misses:
+        num_workers = default_num_workers() if num_workers is None else num_workers
+        _encode_misses(misses, encoder, cache, result, batch_size, num_workers, keep_features, progress)
+    _log_failures(result)
+    return result
 
-    # ---- 1. hash every file once and look it up (threads: hashlib and file reads release the GIL)
+
+def _look_up(refs: list[MediaRef], cache: FeatureCache, keep_features: bool, result: Extraction) -> list[MediaRef]:
+    """Hash every file once and look it up (threads: hashlib and file reads release the GIL);
+    hits and unreadable files go into ``result``, the misses are returned."""
+
     def look_up(ref: MediaRef) -> tuple[MediaRef, str | None, bool, torch.Tensor | None]:
         try:
             cache.digest(ref.path)
@@ -295,12 +304,13 @@ def extract_features(
                     result.features[ref] = feature
             else:
                 misses.append(ref)
-    if not misses:
-        _log_failures(result)
-        return result
+    return misses
 
-    # ---- 2. decode the misses in worker processes, encode them in batches, write as we go
-    num_workers = default_num_workers() if num_workers is None else num_workers
+
+def _encode_misses(misses: list[MediaRef], encoder: FrozenEncoder, cache: FeatureCache, result: Extraction,
+                   batch_size: int, num_workers: int, keep_features: bool, progress: bool) -> None:
+    """Decode the misses in worker processes, encode them in batches, write them as they come."""
+    dtype_name = {v: k for k, v in DTYPES.items()}.get(encoder.dtype, str(encoder.dtype))
     batches = _batches_by_modality(misses, batch_size)
     loader = DataLoader(
         _DecodeDataset(misses),
@@ -312,53 +322,64 @@ def extract_features(
     )
     log.info("extracting %d files (%d cached) in %d batches with %d decoding workers on %s/%s",
              len(misses), len(result.cached), len(batches), num_workers, encoder.device, dtype_name)
-
-    def write(batch_refs: list[MediaRef], features: list[torch.Tensor]) -> None:
-        for ref, feature in zip(batch_refs, features):
-            cache.store(ref, feature, dtype=dtype_name)
-
-    # Writer threads, at most one batch behind: the encoder's next forward overlaps the file
-    # writes (file I/O releases the GIL; one thread alone wrote slower than an H100 encodes),
-    # and an interrupted run still loses at most the batches in flight.
-    def hand_off(batch_refs, features, ready, pending: list[Future]) -> list[Future]:
-        """Wait for a batch's features, then queue their writes (after the previous batch's)."""
-        if ready is not None:
-            ready.synchronize()
-        features = [f.clone() for f in features.unbind(0)]
-        for future in pending:
-            future.result()
-        result.extracted.extend(batch_refs)
-        if keep_features:
-            result.features.update(zip(batch_refs, features))
-        return [writer.submit(write, batch_refs[i::WRITER_THREADS], features[i::WRITER_THREADS])
-                for i in range(WRITER_THREADS)]
-
-    in_flight = None
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writer:
-        pending: list[Future] = []
+        hand_off = _HandOff(cache, result, writer, dtype_name, keep_features)
         try:
             for batch in tqdm(loader, total=len(batches), desc="encoding media", unit="batch",
                               disable=not progress, leave=False):
                 for index, error in batch["failures"]:
                     result.failed[misses[index]] = error
-                if batch["inputs"] is None:
-                    continue
-                batch_refs = [misses[i] for i in batch["indices"]]
-                branch = MODALITIES[batch_refs[0].modality].encoder_branch
-                launched = (batch_refs, *encoder.encode_batch_async(branch, batch["inputs"]))
-                if in_flight is not None:  # the previous batch finishes while this one runs
-                    pending = hand_off(*in_flight, pending)
-                in_flight = launched
-            if in_flight is not None:
-                pending = hand_off(*in_flight, pending)
-                in_flight = None
+                if batch["inputs"] is not None:
+                    batch_refs = [misses[i] for i in batch["indices"]]
+                    branch = MODALITIES[batch_refs[0].modality].encoder_branch
+                    hand_off.launched(batch_refs, *encoder.encode_batch_async(branch, batch["inputs"]))
         finally:
-            if in_flight is not None:  # launched before a later batch failed: keep it
-                pending = hand_off(*in_flight, pending)
-            for future in pending:
-                future.result()  # the batch already encoded reaches the cache even when a later one fails
-    _log_failures(result)
-    return result
+            # The batch already encoded reaches the cache even when a later one fails.
+            hand_off.finish()
+
+
+class _HandOff:
+    """Writes each encoded batch to the cache from writer threads, at most one batch behind: the
+    encoder's next forward overlaps the file writes (file I/O releases the GIL; one thread alone
+    wrote slower than an H100 encodes), and an interrupted run still loses at most the batches in
+    flight."""
+
+    def __init__(self, cache: FeatureCache, result: Extraction, writer: ThreadPoolExecutor, dtype_name: str,
+                 keep_features: bool):
+        self.cache, self.result, self.writer = cache, result, writer
+        self.dtype_name, self.keep_features = dtype_name, keep_features
+        self.in_flight: tuple | None = None
+        self.pending: list[Future] = []
+
+    def launched(self, batch_refs: list[MediaRef], features: torch.Tensor, ready) -> None:
+        """A batch was launched on the encoder: the previous one finishes while it runs."""
+        if self.in_flight is not None:
+            self._write(*self.in_flight)
+        self.in_flight = (batch_refs, features, ready)
+
+    def finish(self) -> None:
+        if self.in_flight is not None:
+            in_flight, self.in_flight = self.in_flight, None
+            self._write(*in_flight)
+        for future in self.pending:
+            future.result()
+
+    def _write(self, batch_refs: list[MediaRef], features: torch.Tensor, ready) -> None:
+        """Wait for a batch's features, then queue their writes (after the previous batch's)."""
+        if ready is not None:
+            ready.synchronize()
+        features = [f.clone() for f in features.unbind(0)]
+        for future in self.pending:
+            future.result()
+        self.result.extracted.extend(batch_refs)
+        if self.keep_features:
+            self.result.features.update(zip(batch_refs, features))
+        self.pending = [self.writer.submit(self._store, batch_refs[i::WRITER_THREADS], features[i::WRITER_THREADS])
+                        for i in range(WRITER_THREADS)]
+
+    def _store(self, batch_refs: list[MediaRef], features: list[torch.Tensor]) -> None:
+        for ref, feature in zip(batch_refs, features):
+            self.cache.store(ref, feature, dtype=self.dtype_name)
 
 
 WRITER_THREADS = 4
@@ -386,9 +407,7 @@ def featurize(
     for record in records:
         bad = [ref for ref in record.media if ref in result.failed]
         if bad:
-            report.skipped["undecodable media"] += 1
-            report.used -= 1
-            report.note("undecodable media", f"{record.id}: {result.failed[bad[0]]}")
+            report.drop("undecodable media", f"{record.id}: {result.failed[bad[0]]}")
         else:
             kept.append(record)
     return kept, result.features

@@ -7,6 +7,8 @@ Three ways to answer, all batched:
 - ``score_catalogue``: exact ``log p(answer | prompt)`` of every catalogue answer (the
   prompt runs once; its KV cache is reused for the answers in chunks). Top-k reference.
 - ``beam_top_k``: beam search over the trie, an approximation of the same top-k.
+
+``top_k_tools`` picks between the last two (``inference.top_k_method``).
 """
 
 from __future__ import annotations
@@ -273,3 +275,25 @@ def beam_top_k(
                     continue
             results[i] = [{"tool": tool, "score": value} for tool, value in list(best.items())[:k]]
     return results
+
+
+def top_k_tools(
+    model: ToolLMM,
+    tokenizer: PromptTokenizer,
+    prompts: list[torch.Tensor],
+    features: list[torch.Tensor | None],
+    trie: AnswerTrie,
+    k: int,
+    method: str = "beam",
+    batch_size: int = 16,
+    num_beams: int | None = None,
+    show_progress: bool = True,
+) -> list[list[dict]]:
+    """The ``k`` most probable catalogue tools per prompt, ``{"tool", "score"}`` best first:
+    ``exact`` scores every answer (``score_catalogue``), ``beam`` searches the trie (``beam_top_k``)."""
+    if method not in TOP_K_METHODS:
+        raise ValueError(f"top-k method {method!r} is not one of {list(TOP_K_METHODS)}")
+    if method == "exact":
+        return rank_tools(score_catalogue(model, tokenizer, prompts, features, trie, show_progress=show_progress), trie, k)
+    return beam_top_k(model, tokenizer, prompts, features, trie, k, batch_size, num_beams=num_beams,
+                      show_progress=show_progress)

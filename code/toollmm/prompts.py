@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
+    from toollmm.data.records import CaptionTarget
     from toollmm.tokenization import PromptTokenizer
 
 IGNORE_INDEX = -100
@@ -84,12 +87,26 @@ def parse_answer(response: str, rule: str = "stop_string") -> str | None:
 
 
 @dataclass
-class TokenizedExample:
-    """Token ids with media slots (``MEDIA_SLOT_ID``) and labels (``IGNORE_INDEX`` outside the answer)."""
+class Example:
+    """One tokenized prompt: token ids with a media slot (``MEDIA_SLOT_ID``), labels
+    (``IGNORE_INDEX`` outside the answer) and what the model reads besides the tokens.
+    ``build_example`` fills the tokens; ``InstructionDataset`` the rest, from the record."""
 
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: "list[int] | torch.Tensor"
+    """Lists from ``build_example``; tensors once in an ``InstructionDataset`` (collation pads them)."""
+    labels: "list[int] | torch.Tensor"
     truncated: bool = False
+    """The query and answer were cut at ``max_tgt_len``."""
+    feature: "torch.Tensor | None" = None
+    """The media feature for the slot (features of several media are summed, as the original did)."""
+    target: "CaptionTarget | None" = None
+    """The caption embedding its signal-token run is aligned to (stage 2, generation rows)."""
+    target_value: "torch.Tensor | None" = None
+    """``target`` read from its folder (filled when the example is fetched for a batch)."""
+    record_id: str = ""
+    """Bookkeeping, never a model input: the record it came from."""
+    source: str = ""
+    """Bookkeeping: the data file of its record (``PublishedBatchSampler`` groups by it)."""
 
 
 def build_example(
@@ -98,7 +115,7 @@ def build_example(
     has_media: bool,
     answer: str | None,
     max_tgt_len: int,
-) -> TokenizedExample:
+) -> Example:
     """Token ids and labels for one example; ``answer=None`` builds a generation prompt.
 
     ``max_tgt_len`` caps the tokens after the media slot (query + answer), as the
@@ -124,7 +141,7 @@ def build_example(
         body_labels += ids
     truncated = len(body) > max_tgt_len
     body, body_labels = body[:max_tgt_len], body_labels[:max_tgt_len]
-    return TokenizedExample(
+    return Example(
         input_ids=prefix + body,
         labels=[IGNORE_INDEX] * len(prefix) + body_labels,
         truncated=truncated,

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from toollmm.checkpoint import load_initial_weights, save_checkpoint
 from toollmm.config import (
-    OUTPUT_MODALITIES,
     ConfigError,
     RunConfig,
     check_batch_arithmetic,
@@ -30,16 +29,16 @@ from toollmm.config import (
 )
 from toollmm.data import load_splits
 from toollmm.data.dataset import (
+    Batch,
     Collator,
     InstructionDataset,
     LengthGroupedBatchSampler,
     PackingCollator,
     PublishedBatchSampler,
-    tool_items,
 )
-from toollmm.data.split import training_pairs
+from toollmm.data.records import DataReport
+from toollmm.data.split import training_records
 from toollmm.data.stages import caption_items, instruction_items
-from toollmm.data.toolmmbench import DataReport
 from toollmm.divergence import DivergenceGuard, TrainingDiverged, all_finite, weights_finite
 from toollmm.engine import (
     MetricLogger,
@@ -54,6 +53,7 @@ from toollmm.engine import (
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.media import set_limits as set_media_limits
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX
 from toollmm.run_state import (
     TrainState,
@@ -135,7 +135,7 @@ class TrainingRecipe:
         # Seeded again: extracting the features a cold cache misses (rank 0 only) draws from the RNG,
         # and the model's initialisation and dropout must not depend on how warm the cache was.
         seed_everything(config.train.seed + self.rank)
-        items = tool_items(training_pairs(tool_records, config.data.duplicate_rows == "keep")) + items
+        items = training_records(tool_records, config.data.duplicate_rows == "keep") + items
         length = config.data.max_tgt_len
         self.dataset = InstructionDataset(items, self.tokenizer, features, length, self.signal, report)
         self.test_set = InstructionDataset(test_items, self.tokenizer, features, length, self.signal, report)
@@ -156,7 +156,7 @@ class TrainingRecipe:
             report.merge(splits.report)
             tool_records = splits.train
             if config.train.held_out_tools:
-                test_items = tool_items(training_pairs(splits.test))
+                test_items = training_records(splits.test)
         return tool_records, instruction_items(config, report), test_items
 
     def _featurize(self, encoder, report: DataReport, *groups: list) -> tuple:
@@ -333,11 +333,11 @@ class TrainingRecipe:
             save_due = False
         return False, save_due
 
-    def _micro_step(self, index: int, batch: dict) -> bool:
+    def _micro_step(self, index: int, batch: Batch) -> bool:
         """Forward and backward of one micro-batch; True when it ended an optimizer step."""
         t = self.config.train
-        batch_ids, batch_tokens = batch.pop("record_ids"), batch.pop("real_tokens")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch_ids, batch_tokens = batch.record_ids, batch.real_tokens
+        batch = batch.to(self.device).inputs
         if t.checkpoint_above_tokens and not t.gradient_checkpointing:
             self.model.set_activation_checkpointing(batch["input_ids"].numel() > t.checkpoint_above_tokens)
         out = self.engine(**batch)
@@ -454,9 +454,9 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch.pop("record_ids"), batch.pop("real_tokens")
-        out = engine(**{k: v.to(device) for k, v in batch.items()})
+        collated = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = engine(**collated.to(device).inputs)
+        batch = collated.inputs
         rows = batch["input_ids"].shape[0]
         answer_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         for key in ["loss", "lm_loss", "token_accuracy"] + [k for k in out if k.startswith(("mse_", "l2_"))]:
@@ -465,7 +465,7 @@ def evaluate_held_out(engine, dataset, collate, batch_size: int, device) -> dict
             elif key in ("lm_loss", "token_accuracy"):
                 weight = answer_tokens
             else:
-                weight = batch[f"target_{key.split('_', 1)[1]}"].shape[0]
+                weight = batch["targets"][key.split("_", 1)[1]].shape[0]
             sums[key] = sums.get(key, 0.0) + out[key].float().item() * weight
             counts[key] = counts.get(key, 0) + weight
     engine.train()

@@ -1,9 +1,10 @@
 """Signal tokens (NExT-GPT): the added vocabulary that lets the LLM ask for an image, a video or a sound.
 
 ``<Img>`` and ``</Img>`` (around a media slot) and one run per output modality:
-``[IMG0]..[IMG3]``, ``[VID0]..[VID23]``, ``[AUD0]..[AUD7]`` (lengths from
-``model.outputs.<modality>.signal_tokens``). They are appended to the tokenizer in this
-order, so their ids follow the base vocabulary and every run's ids are consecutive.
+``[IMG0]..[IMG3]``, ``[VID0]..[VID23]``, ``[AUD0]..[AUD7]`` (prefixes from
+``toollmm.output_modalities``, lengths from ``model.outputs.<modality>.signal_tokens``). They are
+appended to the tokenizer in this order, so their ids follow the base vocabulary and every
+run's ids are consecutive.
 
 A *run* is the full sequence ``[X0] .. [Xn-1]`` in an answer; the output projector reads the
 LLM states at its positions. Runs cut short (by ``max_tgt_len`` truncation or in the data)
@@ -17,22 +18,28 @@ from dataclasses import dataclass
 
 import torch
 
-from toollmm.config import OUTPUT_MODALITIES, OutputsConfig
+from toollmm.config import OutputsConfig
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
-PREFIXES = {"image": "IMG", "video": "VID", "audio": "AUD"}
 WRAPPERS = ("<Img>", "</Img>")
+
+
+def run_names(modality: str, length: int) -> list[str]:
+    """``[IMG0]`` .. ``[IMG<length-1>]`` for the image (the registry's prefix of each modality)."""
+    prefix = OUTPUT_MODALITIES[modality].token_prefix
+    return [f"[{prefix}{i}]" for i in range(length)]
 
 
 def token_names(outputs: OutputsConfig) -> list[str]:
     names = list(WRAPPERS)
     for modality in OUTPUT_MODALITIES:
-        names += [f"[{PREFIXES[modality]}{i}]" for i in range(outputs.modality(modality).signal_tokens)]
+        names += run_names(modality, outputs.modality(modality).signal_tokens)
     return names
 
 
 def run_text(modality: str, length: int) -> str:
     """The run as text, tokens separated by spaces as the published data writes them."""
-    return " ".join(f"[{PREFIXES[modality]}{i}]" for i in range(length))
+    return " ".join(run_names(modality, length))
 
 
 @dataclass
@@ -74,10 +81,7 @@ def add_signal_tokens(tokenizer, outputs: OutputsConfig) -> SignalTokens:
         )
     if [vocab[n] for n in names] != list(range(base, base + len(names))):
         raise ValueError("the signal tokens are not the last, consecutive ids of the tokenizer; re-save it from the base tokenizer")
-    ids = {}
-    for modality in OUTPUT_MODALITIES:
-        prefix = PREFIXES[modality]
-        ids[modality] = [vocab[f"[{prefix}{i}]"] for i in range(outputs.modality(modality).signal_tokens)]
+    ids = {m: [vocab[n] for n in run_names(m, outputs.modality(m).signal_tokens)] for m in OUTPUT_MODALITIES}
     return SignalTokens(base_vocab_size=base, ids=ids, names=names)
 
 

@@ -31,6 +31,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ from transformers import ClapTextConfig, ClapTextModelWithProjection, CLIPTextCo
 
 from toollmm.config import project_root
 from toollmm.extras import require
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +197,23 @@ def audioldm_parts() -> dict:
     return {"unet": unet, "vae": _vae(in_channels=1, latent_channels=8), "scheduler": scheduler, "vocoder": vocoder}
 
 
-# folder name → (pipeline class model_index.json names, tokenizer class, builder writing the tokenizer and
-# returning the text encoder, builder of the other parts)
+@dataclass(frozen=True)
+class TinyDecoder:
+    """A tiny stand-in of one output modality's decoder (pipeline and tokenizer classes from its registry entry)."""
+
+    modality: str
+    make_text_encoder: Callable[[Path], torch.nn.Module]
+    """Writes the tokenizer into the folder it is given and returns the text encoder."""
+    make_parts: Callable[[], dict]
+    parts: tuple[str, ...]
+    """What ``make_parts`` returns: a folder holding these (and the text encoder and tokenizer) is complete."""
+
+
 DECODERS = {
-    "tiny_sd": ("StableDiffusionPipeline", "CLIPTokenizer", tiny_sd, sd_parts),
-    "tiny_zeroscope": ("TextToVideoSDPipeline", "CLIPTokenizer", tiny_zeroscope, zeroscope_parts),
-    "tiny_audioldm": ("AudioLDMPipeline", "RobertaTokenizer", tiny_audioldm, audioldm_parts),
+    "tiny_sd": TinyDecoder("image", tiny_sd, sd_parts, ("unet", "vae", "scheduler")),
+    "tiny_zeroscope": TinyDecoder("video", tiny_zeroscope, zeroscope_parts, ("unet", "vae", "scheduler")),
+    "tiny_audioldm": TinyDecoder("audio", tiny_audioldm, audioldm_parts, ("unet", "vae", "scheduler", "vocoder")),
 }
-PART_NAMES = {name: ("unet", "vae", "scheduler", *(("vocoder",) if name == "tiny_audioldm" else ())) for name in DECODERS}
 # StableDiffusionPipeline's optional components, recorded as absent (diffusers' own way).
 ABSENT = {"StableDiffusionPipeline": {"safety_checker": [None, None], "feature_extractor": [None, None],
                                       "image_encoder": [None, None], "requires_safety_checker": False}}
@@ -234,12 +246,12 @@ def build_parts(folder: Path, make_parts) -> dict[str, list[str]]:
     return entries
 
 
-def is_complete(folder: Path, name: str) -> bool:
+def is_complete(folder: Path, decoder: TinyDecoder) -> bool:
     index = folder / "model_index.json"
     if not index.is_file():
         return False
     listed = json.loads(index.read_text())
-    return all(part in listed and (folder / part).is_dir() for part in (*PART_NAMES[name], "text_encoder", "tokenizer"))
+    return all(part in listed and (folder / part).is_dir() for part in (*decoder.parts, "text_encoder", "tokenizer"))
 
 
 def write_model_index(folder: Path, pipeline_class: str, encoder_class: str, tokenizer_class: str, parts: dict) -> None:
@@ -259,9 +271,10 @@ def build_tiny_decoders(root: Path, force: bool = False) -> dict[str, Path]:
     require("diffusers", "building the tiny decoders")
     base = Path(root) / DIFFUSION_DIR
     folders = {}
-    for name, (pipeline_class, tokenizer_class, make_encoder, make_parts) in DECODERS.items():
+    for name, decoder in DECODERS.items():
+        entry = OUTPUT_MODALITIES[decoder.modality]
         folder = folders[name] = base / name
-        if not force and is_complete(folder, name):
+        if not force and is_complete(folder, decoder):
             continue
         base.mkdir(parents=True, exist_ok=True)
         keep_text = not force and (folder / "text_encoder" / "config.json").is_file() and (folder / "tokenizer").is_dir()
@@ -273,9 +286,9 @@ def build_tiny_decoders(root: Path, force: bool = False) -> dict[str, Path]:
             if keep_text:
                 encoder_class = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
             else:
-                encoder_class = build_text_encoder(staged, make_encoder)
-            parts = build_parts(staged, make_parts)
-            write_model_index(staged, pipeline_class, encoder_class, tokenizer_class, parts)
+                encoder_class = build_text_encoder(staged, decoder.make_text_encoder)
+            parts = build_parts(staged, decoder.make_parts)
+            write_model_index(staged, entry.pipeline, encoder_class, entry.text_encoding.tokenizer, parts)
             if keep_text:
                 for part in (*parts, "model_index.json"):
                     if (folder / part).is_dir():

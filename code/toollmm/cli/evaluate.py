@@ -26,7 +26,7 @@ from pathlib import Path
 
 from toollmm.checkpoint import read_checkpoint_config
 from toollmm.data import load_splits
-from toollmm.data.split import training_pairs
+from toollmm.data.split import training_records
 from toollmm.evaluate import (
     Reference,
     evaluate_predictions,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[label] = evaluate_predictions(predictions, references, catalogue, allow_missing=args.allow_missing)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    targets = [tool for _, tool in training_pairs(splits.train, config.data.duplicate_rows == "keep")]
+    targets = [record.tools[0] for record in training_records(splits.train, config.data.duplicate_rows == "keep")]
     tool, baseline = most_frequent_tool_baseline(targets, references)
     names = ", ".join(path.name for path in args.predictions)
     title = args.title or f"Tool selection: {names}"

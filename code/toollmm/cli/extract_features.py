@@ -25,17 +25,16 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from toollmm.config import ConfigError, DataConfig, DataFile, load_config, resolve_path
 from toollmm.data.split import split_by_query
-from toollmm.data.toolmmbench import DataFileError, MediaRef, Record, media_path, read_json_rows, read_toolmmbench
+from toollmm.data.records import DataFileError, Record, read_json_rows
+from toollmm.data.toolmmbench import read_toolmmbench
 from toollmm.features import DTYPES, FeatureCache, FrozenEncoder, default_num_workers, extract_features
 from toollmm.media import set_limits as set_media_limits
-from toollmm.modalities import MODALITIES
 
 log = logging.getLogger("toollmm.extract_features")
 
@@ -43,28 +42,10 @@ EXAMPLES = 20
 """Files listed per problem in the report (the counts are complete)."""
 
 
-# --------------------------------------------------------------------------- data readers
-# A reader turns one data file into records whose ``media`` lists every media file it
-# names, on disk or not (the command reports the missing ones). Records, so that the
-# train/test split is the one training uses. Caption-pair files: add a reader here.
-
-
-def toolmmbench_media(path: Path, media_root: Path, media_layout: str = "flat") -> list[Record]:
-    """ToolMMBench rows (well-formed ones; training skips the others) and the media they name."""
-    records, _ = read_toolmmbench(path, media_root, "text_only", media_layout)
-    for record in records:
-        # media_keys keep what the row wrote ("image:<path>"), missing files included.
-        record.media = [MediaRef(name, media_path(media_root, value, MODALITIES[name].published_folder
-                                                  if media_layout == "published" else ""))
-                        for name, value in (k.split(":", 1) for k in record.media_keys)]
-    return records
-
-
-READERS: dict[str, Callable[..., list[Record]]] = {"toolmmbench": toolmmbench_media}
-
-
 def split_records(data: DataConfig, split: str) -> list[Record]:
-    """The records of ``split`` (train | test | all), split as ``toollmm.data.load_splits`` does."""
+    """The records of ``split`` (train | test | all), split as ``toollmm.data.load_splits`` does, each
+    with every media file its row names, on disk or not (the command reports the missing ones);
+    rows that training skips as malformed are left out."""
 
     def read(entries: list[DataFile], key: str) -> list[Record]:
         records = []
@@ -73,7 +54,7 @@ def split_records(data: DataConfig, split: str) -> list[Record]:
             if not path.is_file():
                 raise ConfigError(f"data.{key}[{i}].path: {path} does not exist")
             try:
-                records += READERS["toolmmbench"](path, resolve_path(entry.media_root), entry.media_layout)
+                records += read_toolmmbench(path, resolve_path(entry.media_root), "keep", entry.media_layout)[0]
             except ValueError as err:  # not JSON / not a list of rows
                 raise ConfigError(f"data.{key}[{i}].path: {err}") from err
         return records

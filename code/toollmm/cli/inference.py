@@ -2,17 +2,21 @@
 
     python code/inference.py --ckpt ckpt/tiny/final --split test --output ckpt/tiny/predictions_test.json
     python code/inference.py --ckpt CKPT --data combined_data.json --media-root mm_dataset --output preds.json
-    python code/inference.py --ckpt ckpt/tiny/final --split test --constrained --top-k 5 --output preds.json
+    python code/inference.py --ckpt ckpt/tiny/final --split test --output preds.json inference.constrained=true inference.top_k=5
     python code/inference.py --ckpt ckpt/tiny_chain/stage_3/final --prompt "Draw a red bus" --output answers.json
-    python code/inference.py --ckpt CKPT --prompts-file prompts.txt --mode tool --top-k 3 --media-root media --output answers.json
+    python code/inference.py --ckpt CKPT --prompts-file prompts.txt --mode tool --media-root media --output answers.json \
+        inference.top_k=3
 
-Prompt mode (``--prompt``, repeatable, or ``--prompts-file``: one prompt a line, or a JSON list)
-goes through ``toollmm.assistant``: media come as ``<Image>path</Image>``, ``<Audio>..</Audio>``,
-``<Video>..</Video>`` tags in the prompt (with ``--media-root``, relative to it and confined to
-it); ``--mode chat`` generates freely and decodes any signal-token run into a file under
-``--output-dir`` (decoder folders from the checkpoint config, or ``--decoder image=DIR``);
-``--mode tool`` picks a catalogue tool. It writes a JSON list with ``prompt``, ``text``,
-``tool``, ``tools`` (``--top-k``), ``media`` (written files) and ``warnings``.
+Settings are the checkpoint config's ``inference:`` section, changed by ``key=value`` overrides as
+in training (``inference.batch_size=8 inference.max_new_tokens=32``; ``model.llm_path=DIR`` if the
+base LLM moved); an unknown key is refused with its name before the model loads.
+``inference.constrained=true`` decodes only answers of the tool catalogue (the checkpoint's
+training data, or ``--catalogue``): ``tool`` is then always a catalogue member.
+``inference.top_k=K`` (K > 1) adds ``top_k``: K distinct catalogue tools with ``score`` =
+log p(answer | prompt), summed over the answer's tokens, best first (``inference.top_k_method``:
+beam or exact); ``tool`` stays the generated answer (greedy is not always the most probable
+answer). Constrained responses are written as ``format_answer(tool)``, exactly the tokens that
+were decoded.
 
 Split/data mode writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``response``) plus ``tool`` (the parsed name, null when the answer is malformed),
@@ -20,13 +24,15 @@ Split/data mode writes a JSON list with the original's fields (``question_id``, 
 ``ambiguity`` (-1 none, else the type id), ``ifambiguity`` and ``onetomulti`` (these two null
 when the data file lacks them; training files do).
 
-Flags left out take the checkpoint config's ``inference:`` values (``constrained``, ``top_k``,
-``top_k_method``, batch size, sampling). ``--constrained`` decodes only answers of the tool catalogue (the checkpoint's training
-data, or ``--catalogue``): ``tool`` is then always a catalogue member. ``--top-k K`` (K > 1)
-adds ``top_k``: K distinct catalogue tools with ``score`` = log p(answer | prompt), summed
-over the answer's tokens, best first; ``tool`` stays the generated answer (greedy is not
-always the most probable answer). Constrained responses are written as
-``format_answer(tool)``, exactly the tokens that were decoded.
+Prompt mode (``--prompt``, repeatable, or ``--prompts-file``: one prompt a line, or a JSON list):
+media come as ``<Image>path</Image>``, ``<Audio>..</Audio>``, ``<Video>..</Video>`` tags in the
+prompt (with ``--media-root``, relative to it and confined to it); ``--mode chat`` generates
+freely (``inference.chat_max_new_tokens``) and decodes any signal-token run into a file under
+``--output-dir`` (decoder folders from the checkpoint config, or ``--decoder image=DIR``);
+``--mode tool`` picks a catalogue tool. It writes a JSON list with ``prompt``, ``text``,
+``tool``, ``tools`` (``inference.top_k``), ``media`` (written files) and ``warnings``.
+
+Both modes answer through ``toollmm.assistant.Assistant``.
 """
 
 from __future__ import annotations
@@ -38,30 +44,31 @@ import dataclasses
 import json
 import logging
 import os
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from toollmm.catalogue import AnswerTrie, load_catalogue
-from toollmm.checkpoint import load_for_inference
-from toollmm.media import set_limits as set_media_limits
-from toollmm.config import OUTPUT_MODALITIES, DataFile, resolve_path
+from toollmm.assistant import Assistant, parse_decoders, parse_prompt
+from toollmm.catalogue import AnswerTrie
+from toollmm.config import INFERENCE_OVERRIDES, DataFile, RunConfig, resolve_path
+from toollmm.config_help import keys_help
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
-from toollmm.data.split import Query, group_queries
-from toollmm.data.toolmmbench import DataFileError, DataReport, read_toolmmbench
+from toollmm.data.records import DataFileError, DataReport, Record
+from toollmm.data.split import group_queries
+from toollmm.data.toolmmbench import read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
-from toollmm.generate import TOP_K_METHODS, beam_top_k, generate_responses, rank_tools, score_catalogue
 from toollmm.prompts import MODES, build_example, parse_answer
 
 log = logging.getLogger("toollmm.inference")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=keys_help(INFERENCE_OVERRIDES),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder written by training")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", choices=["test", "train"], help="the checkpoint config's test split, or a sample of its training queries")
@@ -72,33 +79,16 @@ def parse_args(argv):
                         help="folder --data's media paths are relative to; for prompts, the folder their media tags "
                              "must stay inside")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--llm-path", default=None, help="base LLM folder, if it moved since training")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-batch-tokens", type=int, default=None,
-                        help="cap a batch's KV cache at this many padded tokens (inference.max_batch_tokens)")
-    parser.add_argument("--cache", choices=["dynamic", "static"], default=None,
-                        help="KV cache of generation (inference.cache): static is preallocated and written in place")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the decoding step (CUDA, --cache static; inference.compile)")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N queries")
     parser.add_argument("--sample", type=int, default=0,
                         help="answer N queries spread evenly over the selection (every len/N-th, in file order): "
                              "a quicker estimate over all its files and modalities, where --limit takes the first file's")
-    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode only catalogue answers (never a malformed or invented tool; --max-new-tokens is "
-                             "then the longest answer's length); off = free generation")
-    parser.add_argument("--top-k", type=int, default=None, metavar="K",
-                        help="K > 1 adds a top_k field: K distinct tools with log p(answer | prompt), best first")
-    parser.add_argument("--top-k-method", choices=TOP_K_METHODS, default=None,
-                        help="beam: beam search over the catalogue trie (fast, may miss a better tool); "
-                             "exact: scores every catalogue answer (the reference, ~one forward token per answer token)")
-    parser.add_argument("--num-beams", type=int, default=None,
-                        help="beams for --top-k-method beam (default 2K; more beams find the exact top K more often)")
     parser.add_argument("--catalogue", type=Path, default=None,
-                        help="JSON list of tool names for --constrained/--top-k (default: the tools of the checkpoint's data files)")
+                        help="JSON list of tool names for constrained and top-k answers (default: the tools of the "
+                             "checkpoint's data files)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings over the checkpoint config's: inference.<key>=VALUE (e.g. inference.top_k=5 "
+                             "inference.constrained=true), model.llm_path=DIR if the base LLM moved")
     prompts = parser.add_argument_group("prompt mode (--prompt / --prompts-file)")
     prompts.add_argument("--mode", choices=MODES, default="chat",
                          help="chat: free generation, signal-token runs become media files; tool: a catalogue tool")
@@ -107,15 +97,11 @@ def parse_args(argv):
                          help="diffusers folder of an output modality's decoder, over the checkpoint config's (repeatable)")
     prompts.add_argument("--offload", action="store_true", help="keep decoders on the CPU between their submodules' runs (CUDA)")
     prompts.add_argument("--steps", type=int, default=25, help="diffusion steps per generated file")
-    args = parser.parse_args(argv)
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top-k must be at least 1, got {args.top_k}")
-    args.decoders = {}
-    for item in args.decoder:
-        modality, _, folder = item.partition("=")
-        if modality not in OUTPUT_MODALITIES or not folder:
-            parser.error(f"--decoder {item!r}: expected MODALITY=DIR with MODALITY one of {', '.join(OUTPUT_MODALITIES)}")
-        args.decoders[modality] = folder
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    try:
+        args.decoders = parse_decoders(args.decoder)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -137,38 +123,26 @@ def read_prompts(args) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def answer_prompts(args) -> list[dict]:
-    """Prompt mode: the Assistant over the prompts, in batches of the inference batch size."""
-    # Imported here: the Assistant's decoders and media readers cost ~1 s of start-up (device
-    # measurement) that split/data mode, the timed evaluation, does not need.
-    from toollmm.assistant import Assistant, parse_prompt
-
-    if args.num_beams is not None:
-        raise SystemExit("--num-beams applies to --split/--data; prompt mode takes inference.top_k_method's default beams")
+def answer_prompts(args, device: torch.device) -> list[dict]:
+    """Prompt mode: the prompts' replies in ``args.mode``, with the prompts' text and media."""
     prompts = read_prompts(args)
     parsed = []
-    for prompt in prompts:
+    for prompt in prompts:  # before the model loads: a refused media path costs nothing
         try:
             parsed.append(parse_prompt(prompt, args.media_root))
         except ValueError as err:
             raise SystemExit(f"prompt {prompt!r}: {err}") from err
     with checkpoint_errors():
-        assistant = Assistant(args.ckpt, decoders=args.decoders, offload=args.offload, output_dir=args.output_dir,
-                              steps=args.steps, max_new_tokens=args.max_new_tokens or 128, catalogue=args.catalogue,
-                              llm_path=args.llm_path)
-    settings = assistant.config.inference
-    for name in ("batch_size", "temperature", "top_p", "top_k_method"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+        assistant = Assistant.from_checkpoint(args.ckpt, device, args.overrides, decoders=args.decoders,
+                                              offload=args.offload, output_dir=args.output_dir, steps=args.steps,
+                                              catalogue=args.catalogue)
+    replies = assistant.reply_batch([q for q, _ in parsed], [m for _, m in parsed], args.mode)
     rows = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = parsed[start : start + settings.batch_size]
-        replies = assistant.reply_batch([q for q, _ in chunk], [m for _, m in chunk], args.mode, args.top_k or 1)
-        for prompt, (query, media), reply in zip(prompts[start:], chunk, replies):
-            rows.append({"prompt": prompt, "query": query, "input_media": [{"modality": m, "path": str(p)} for m, p in media],
-                         **dataclasses.asdict(reply)})
-            for warning in reply.warnings:
-                log.warning("%s: %s", prompt[:60], warning)
+    for prompt, (query, media), reply in zip(prompts, parsed, replies):
+        rows.append({"prompt": prompt, "query": query, "input_media": [{"modality": m, "path": str(p)} for m, p in media],
+                     **dataclasses.asdict(reply)})
+        for warning in reply.warnings:
+            log.warning("%s: %s", prompt[:60], warning)
     return rows
 
 
@@ -181,18 +155,10 @@ def write_rows(rows: list[dict], output: Path) -> None:
     log.info("%d answers written to %s", len(rows), output)
 
 
-def check_beam_settings(args, settings) -> None:
-    """--num-beams against the merged settings (flags over the checkpoint's inference config)."""
-    if args.num_beams is not None and (settings.top_k == 1 or settings.top_k_method != "beam"):
-        raise SystemExit("--num-beams applies to --top-k K (K > 1) with --top-k-method beam only")
-    if args.num_beams is not None and args.num_beams < settings.top_k:
-        raise SystemExit(f"--num-beams {args.num_beams} cannot return {settings.top_k} tools: "
-                         f"use at least --num-beams {settings.top_k}")
-
-
 @contextlib.contextmanager
 def checkpoint_errors():
-    """A checkpoint that is missing, corrupt, not finite or made for another base: one line, exit 1."""
+    """A checkpoint that is missing, corrupt, not finite or made for another base, or an override
+    the config refuses: one line, exit 1."""
     try:
         yield
     except (FileNotFoundError, ValueError) as err:
@@ -213,7 +179,7 @@ def check_data_file(path: Path, media_root: Path) -> None:
         raise SystemExit(f"inference: --data {path}: none of its {report.rows} rows is usable ({reason}: {examples[0]})")
 
 
-def select_queries(args, config, splits: Splits | None = None) -> list[Query]:
+def select_queries(args, config, splits: Splits | None = None) -> list[Record]:
     """``--data``'s queries, or those of the checkpoint config's split (``splits``: that config's
     ``load_splits``, when the caller has read it already)."""
     if args.data is not None:
@@ -232,38 +198,43 @@ def main(argv: list[str] | None = None) -> Path:
     # fragment the allocator (an H100 ran out of memory at batch 1024 with 20 GiB reserved, unused).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = answer_prompts(args) if args.prompt or args.prompts_file else answer_queries(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = answer_prompts(args, device) if args.prompt or args.prompts_file else answer_queries(args, device)
     write_rows(rows, args.output)
     return args.output
 
 
-def answer_queries(args) -> list[dict]:
+def answer_queries(args, device: torch.device) -> list[dict]:
     """Split/data mode: ToolMMBench queries, answered and scored as the evaluation expects."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data is not None:
         check_data_file(args.data, args.media_root or args.data.parent)
     log.info("starting on %s", device)
     start = time.perf_counter()
     with checkpoint_errors():
-        model, tokenizer, config, meta = load_for_inference(args.ckpt, device, llm_path=args.llm_path)
+        assistant = Assistant.from_checkpoint(args.ckpt, device, args.overrides, catalogue=args.catalogue)
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     start = time.perf_counter()
-    set_media_limits(config.data.media_limits)
-    settings = config.inference
-    for name in ("batch_size", "max_new_tokens", "temperature", "top_p", "constrained", "top_k", "top_k_method", "cache",
-                 "compile", "max_batch_tokens"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    check_beam_settings(args, settings)
-
+    config, settings = assistant.config, assistant.settings
     trie = None
-    needs_catalogue = (settings.constrained or settings.top_k > 1) and args.catalogue is None
+    needs_catalogue = settings.constrained or settings.top_k > 1
     # Read once: the split's queries and the catalogue come from the same files.
-    splits = load_splits(config.data) if args.data is None or needs_catalogue else None
-    if settings.constrained or settings.top_k > 1:
-        catalogue = load_catalogue(args.catalogue) if args.catalogue else splits.catalogue
-        trie = AnswerTrie(tokenizer, catalogue)
+    splits = load_splits(config.data) if args.data is None or (needs_catalogue and args.catalogue is None) else None
+    if needs_catalogue:
+        with checkpoint_errors():
+            assistant.set_catalogue(args.catalogue or splits.catalogue)
+            trie = assistant.catalogue_trie()
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
+    queries = pick_queries(args, config, splits, trie)
+    queries, features = featurize_queries(queries, config, device)
+    prompts = tokenize_queries(queries, assistant, config.data.max_tgt_len)
+    log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
+    responses, ranked = assistant.answer_tools(prompts, features, settings.constrained, settings.top_k, show_progress=True)
+    return [query_row(q, response, ranked[i] if ranked is not None else None)
+            for i, (q, response) in enumerate(zip(queries, responses))]
+
+
+def pick_queries(args, config: RunConfig, splits: Splits | None, trie: AnswerTrie | None) -> list[Record]:
+    """The queries to answer: ``--data``'s or the split's, then ``--limit`` and ``--sample``."""
     queries = select_queries(args, config, splits)
     if not queries:
         raise SystemExit(f"inference: no usable query in {args.data or args.split + ' split'} (the rows skipped "
@@ -276,62 +247,50 @@ def answer_queries(args) -> list[dict]:
         if unreachable:
             log.warning("%d of %d queries accept only tools outside the catalogue: constrained and top-k answers "
                         "cannot be right for them (pass --catalogue to use another list)", unreachable, len(queries))
+    return queries
+
+
+def featurize_queries(queries: list[Record], config: RunConfig, device: torch.device
+                      ) -> tuple[list[Record], list[torch.Tensor | None]]:
+    """The queries whose media decode, and their media slots' features (cached on disk by
+    content); the encoder is freed before the LLM answers."""
     encoder = FrozenEncoder(resolve_path(config.model.imagebind_path), config.model.imagebind_size, device)
     cache = FeatureCache(resolve_path(config.data.feature_cache_dir), encoder.identity, encoder.out_dim)
     report = DataReport(rows=len(queries), used=len(queries))
-    kept, features = featurize([q.record for q in queries], encoder, cache, report)
-    kept_records = {id(r) for r in kept}  # by object: two rows may share an id, one decodable and one not
-    queries = [q for q in queries if id(q.record) in kept_records]
+    queries, features = featurize(queries, encoder, cache, report)
     del encoder
     if report.skipped:
         log.warning("%s", report.summary())
+    return queries, [record_feature(q, features) for q in queries]
 
-    examples = [build_example(tokenizer, q.record.query, bool(q.record.media), None, config.data.max_tgt_len) for q in queries]
-    prompts = [torch.tensor(e.input_ids) for e in examples]
-    cut = [q.record.id for q, e in zip(queries, examples) if e.truncated]
+
+def tokenize_queries(queries: list[Record], assistant: Assistant, max_tgt_len: int) -> list[torch.Tensor]:
+    """Each query's prompt token ids; a query cut by ``data.max_tgt_len`` is logged."""
+    examples = [build_example(assistant.tokenizer, q.query, bool(q.media), None, max_tgt_len) for q in queries]
+    cut = [q.id for q, e in zip(queries, examples) if e.truncated]
     if cut:
         # The prompt then ends inside the query, before "### Assistant:": the answer is a guess.
         log.warning("%d of %d queries are longer than data.max_tgt_len=%d tokens and were cut before the answer "
-                    "prompt (e.g. %s); their answers are unreliable", len(cut), len(queries), config.data.max_tgt_len,
+                    "prompt (e.g. %s); their answers are unreliable", len(cut), len(queries), max_tgt_len,
                     ", ".join(map(str, cut[:3])))
-    query_features = [record_feature(q.record, features) for q in queries]
-    log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
-    start = time.perf_counter()
-    responses = generate_responses(
-        model, tokenizer, prompts, query_features,
-        settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p,
-        constraint=trie if settings.constrained else None, cache=settings.cache, compile=settings.compile,
-        max_batch_tokens=settings.max_batch_tokens,
-    )
-    seconds = time.perf_counter() - start
-    log.info("answered %d queries in %.1f s (%.1f queries/s, batch size %d, %s)", len(prompts), seconds,
-             len(prompts) / max(seconds, 1e-9), settings.batch_size, "constrained" if settings.constrained else "free")
-    top_k = None
-    if settings.top_k > 1:
-        start = time.perf_counter()
-        if settings.top_k_method == "exact":
-            top_k = rank_tools(score_catalogue(model, tokenizer, prompts, query_features, trie), trie, settings.top_k)
-        else:
-            top_k = beam_top_k(model, tokenizer, prompts, query_features, trie, settings.top_k, settings.batch_size,
-                               num_beams=args.num_beams)
-        log.info("top-%d (%s) in %.1f s", settings.top_k, settings.top_k_method, time.perf_counter() - start)
-    rows = [
-        {
-            "question_id": q.record.id,
-            "questions": q.record.query,
-            "response": response,
-            "tool": parse_answer(response),
-            "input_modality": q.record.input_modality,
-            "acceptable": q.tools,
-            # For the evaluation's breakdowns.
-            "ambiguity": normalize_ambiguity(q.record.ambiguity),
-            "ifambiguity": q.record.ifambiguity,
-            "onetomulti": q.record.onetomulti,
-            **({"top_k": top_k[i]} if top_k is not None else {}),
-        }
-        for i, (q, response) in enumerate(zip(queries, responses))
-    ]
-    return rows
+    return [torch.tensor(e.input_ids) for e in examples]
+
+
+def query_row(record: Record, response: str, top_k: list[dict] | None) -> dict:
+    """One prediction row: the original's fields, the parsed tool and the data's breakdown fields."""
+    return {
+        "question_id": record.id,
+        "questions": record.query,
+        "response": response,
+        "tool": parse_answer(response),
+        "input_modality": record.input_modality,
+        "acceptable": record.tools,
+        # For the evaluation's breakdowns.
+        "ambiguity": normalize_ambiguity(record.ambiguity),
+        "ifambiguity": record.ifambiguity,
+        "onetomulti": record.onetomulti,
+        **({"top_k": top_k} if top_k is not None else {}),
+    }
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ from toollmm.caption_embeddings import (
     DecoderFolderError,
     shape_text,
 )
-from toollmm.config import OUTPUT_MODALITIES, ConfigError, embedding_shape, load_config, resolve_path
-from toollmm.data.captions import CaptionRecord, read_caption_file
-from toollmm.data.toolmmbench import DataReport
+from toollmm.config import ConfigError, load_config, resolve_path
+from toollmm.data.captions import read_caption_file
+from toollmm.data.records import DataReport, Record
 from toollmm.features import DTYPES
+from toollmm.output_modalities import OUTPUT_MODALITIES
 
 log = logging.getLogger("toollmm.process_embeddings")
 
@@ -94,13 +95,13 @@ def config_jobs(args) -> list[Job]:
                 continue
             output = config.model.outputs.modality(entry.modality)
             paths = [resolve_path(p).resolve() for p in (entry.path, entry.embeddings_dir, output.decoder_path)]
-            jobs.append(Job(f"data.{key}[{i}]", entry.modality, *paths, embedding_shape(output)))
+            jobs.append(Job(f"data.{key}[{i}]", entry.modality, *paths, config.model.outputs.target_shape(entry.modality)))
     if not jobs:
         raise ConfigError("no data.caption_files or data.instruction_files entry has an embeddings_dir: nothing to embed")
     return jobs
 
 
-def read_captions(job: Job) -> tuple[list[CaptionRecord], DataReport]:
+def read_captions(job: Job) -> tuple[list[Record], DataReport]:
     if not job.captions.is_file():
         raise ConfigError(f"{job.where}.path: {job.captions} does not exist")
     try:
@@ -119,7 +120,7 @@ def check_shape(job: Job, encoder: CaptionEncoder) -> None:
         )
 
 
-def embed_file(job: Job, records: list[CaptionRecord], report: DataReport, encoder: CaptionEncoder,
+def embed_file(job: Job, records: list[Record], report: DataReport, encoder: CaptionEncoder,
                batch_size: int, overwrite: bool, progress: bool) -> dict:
     """Embed the captions of one file that are not in its folder yet; returns the file's summary."""
     store = CaptionEmbeddingStore.for_writing(job.out, identity=encoder.identity, shape=encoder.out_shape,

@@ -15,11 +15,13 @@ import logging
 from pathlib import Path
 
 from toollmm.config import ConfigError, load_config, packaged_configs
+from toollmm.config_help import keys_help
 from toollmm.recipe import TrainingDiverged, TrainingRecipe
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=keys_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, required=True, choices=[1, 2, 3],
                         help="1: encoder alignment, 2: decoder alignment, 3: instruction tuning")
     parser.add_argument("--config", action="append", default=[],

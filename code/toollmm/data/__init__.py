@@ -1,4 +1,4 @@
-"""Data: published formats → records → train/test splits → examples and batches."""
+"""Data: file rows → records (one type for every format) → train/test splits → examples → batches."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, field
 
 from toollmm.config import DataConfig, resolve_path
-from toollmm.data.split import Query, group_queries, split_by_query
-from toollmm.data.toolmmbench import DataFileError, DataReport, Record, read_toolmmbench, skip_file, tool_catalogue
+from toollmm.data.records import DataFileError, DataReport, Record, skip_file
+from toollmm.data.split import group_queries, split_by_query
+from toollmm.data.toolmmbench import read_toolmmbench, tool_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +20,11 @@ class Splits:
     catalogue: list[str]
     report: DataReport = field(default_factory=DataReport)
 
-    def test_queries(self) -> list[Query]:
+    def test_queries(self) -> list[Record]:
+        """One record per test request, with every tool it accepts."""
         return group_queries(self.test)
 
-    def train_queries(self, limit: int) -> list[Query]:
+    def train_queries(self, limit: int) -> list[Record]:
         """An evenly spaced, deterministic sample of training queries, scored like the test split."""
         queries = group_queries(self.train)
         step = max(1, len(queries) // limit) if limit else 1

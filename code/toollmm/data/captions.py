@@ -1,4 +1,4 @@
-"""Caption files in the published NExT-GPT layout (``t2x_pairs``) → ``CaptionRecord`` objects.
+"""Caption files in the published NExT-GPT layout (``t2x_pairs``) → ``Record`` objects.
 
 Three kinds of JSON list, told apart by their keys (X is image, video or audio):
 
@@ -16,32 +16,21 @@ Rows that cannot be used are counted by reason in a ``DataReport``, never a cras
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from toollmm.data.toolmmbench import NOT_UTF8, OUTSIDE_ROOT, DataReport, MediaRef, has_replacement, media_path, read_json_rows
+from toollmm.data.records import (
+    NOT_UTF8,
+    OUTSIDE_ROOT,
+    DataReport,
+    Kind,
+    MediaRef,
+    Record,
+    has_replacement,
+    media_path,
+    read_json_rows,
+)
 
 MEDIA_TAGS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
-
-Kind = Literal["pairs", "comprehension", "generation"]
-
-
-@dataclass
-class CaptionRecord:
-    id: str
-    """``<file stem>/<row index>``."""
-    modality: str
-    kind: Kind
-    caption: str
-    embedding_name: str
-    """File name of this caption's embedding in the file's embeddings folder."""
-    media: list[MediaRef] = field(default_factory=list)
-    """The input medium (pairs and comprehension rows), when it exists on disk."""
-    prompt: str = ""
-    """Comprehension and generation rows: the human turn, media tag removed."""
-    response: str = ""
-    """Generation rows: the assistant turn; the media tag marks the signal-token run."""
 
 
 def file_kind(row: dict, modality: str) -> Kind:
@@ -84,7 +73,7 @@ def _parse(row, modality: str) -> tuple[Kind, str, str, str, str] | str:
     return kind, name, caption.strip(), prompt, response
 
 
-def read_caption_file(path: Path, media_root: Path, modality: str, need_media: bool) -> tuple[list[CaptionRecord], DataReport]:
+def read_caption_file(path: Path, media_root: Path, modality: str, need_media: bool) -> tuple[list[Record], DataReport]:
     """Read one caption file. ``need_media``: rows whose medium is missing are skipped (counted)."""
     rows, lossy = read_json_rows(path, "caption rows")
     report = DataReport(rows=len(rows))
@@ -92,29 +81,40 @@ def read_caption_file(path: Path, media_root: Path, modality: str, need_media: b
     for index, row in enumerate(rows):
         where = f"{Path(path).name} row {index}"
         if lossy and has_replacement(row):
-            report.skipped[NOT_UTF8] += 1
-            report.note(NOT_UTF8, where)
+            report.skip(NOT_UTF8, where)
             continue
         parsed = _parse(row, modality)
         if isinstance(parsed, str):
-            report.skipped["malformed row"] += 1
-            report.note("malformed row", f"{where}: {parsed}")
+            report.skip("malformed row", f"{where}: {parsed}")
             continue
-        kind, name, caption, prompt, response = parsed
-        media = []
-        if kind != "generation":
-            media_file = media_path(media_root, name)
-            if media_file is None:
-                report.skipped[OUTSIDE_ROOT] += 1
-                report.note(OUTSIDE_ROOT, f"{where}: {name!r} resolves outside {media_root}: refused")
-                continue
-            if media_file.is_file():
-                media = [MediaRef(modality, media_file)]
-            elif need_media:
-                report.skipped["missing media"] += 1
-                report.note("missing media", f"{where}: {media_file}")
-                continue
-        records.append(CaptionRecord(f"{Path(path).stem}/{index}", modality, kind, caption, f"{name}.npy",
-                                     media, prompt, response))
+        kind, name = parsed[:2]
+        media = [] if kind == "generation" else _medium(media_root, name, modality, need_media, where, report)
+        if media is None:
+            continue
+        records.append(_record(parsed, modality, media, f"{Path(path).stem}/{index}", str(path)))
         report.used += 1
     return records, report
+
+
+def _medium(media_root: Path, name: str, modality: str, need_media: bool, where: str,
+            report: DataReport) -> list[MediaRef] | None:
+    """The row's input medium ([] when missing and not needed), or None when the row is skipped (counted)."""
+    media_file = media_path(media_root, name)
+    if media_file is None:
+        report.skip(OUTSIDE_ROOT, f"{where}: {name!r} resolves outside {media_root}: refused")
+        return None
+    if media_file.is_file():
+        return [MediaRef(modality, media_file)]
+    if need_media:
+        report.skip("missing media", f"{where}: {media_file}")
+        return None
+    return []
+
+
+def _record(parsed: tuple[Kind, str, str, str, str], modality: str, media: list[MediaRef], record_id: str,
+            source: str) -> Record:
+    kind, name, caption, prompt, response = parsed
+    generation = kind == "generation"
+    return Record(id=record_id, query=prompt, media=media, source=source, kind=kind,
+                  input_modality="text" if generation else modality, output_modality=modality if generation else "text",
+                  caption=caption, response=response, embedding_name=f"{name}.npy")

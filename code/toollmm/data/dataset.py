@@ -1,4 +1,11 @@
-"""Examples (token ids with media slots + labels) and their collation into padded batches."""
+"""Records → examples (token ids with a media slot, labels, the slot's feature) → batches.
+
+The flow of one training example: a data file's row is read into a ``Record`` (``records.py``),
+the stage sets its query and answer (``split.training_records``, ``stages.py``),
+``InstructionDataset`` tokenizes it into an ``Example`` (``prompts.build_example``) with its
+media feature, and a collator pads or packs examples into a ``Batch``: the tensors the model
+takes (``Batch.inputs``) and, beside them, the bookkeeping it does not (record ids, token counts).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from toollmm.config import OUTPUT_MODALITIES
-from toollmm.data.stages import CaptionTarget, Item
-from toollmm.data.toolmmbench import DataReport, MediaRef, Record
-from toollmm.prompts import IGNORE_INDEX, build_example, format_answer
+from toollmm.data.records import DataReport, MediaRef, Record
+from toollmm.output_modalities import OUTPUT_MODALITIES
+from toollmm.prompts import IGNORE_INDEX, Example, build_example
 from toollmm.signal_tokens import SignalTokens, check_runs
 from toollmm.tokenization import PromptTokenizer
 
@@ -20,46 +26,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Example:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    feature: torch.Tensor | None
-    """The example's media feature (features of several media are summed, as the original did)."""
-    record_id: str
-    target: CaptionTarget | None = None
-    """The caption embedding its signal-token run is aligned to (stage 2, generation rows)."""
-    target_value: torch.Tensor | None = None
-    """``target`` read from its folder (filled by ``__getitem__``)."""
-    source: str = ""
-    """The data file of its item (``PublishedBatchSampler`` groups by it)."""
+class Batch:
+    """What a collator returns: the model's keyword arguments and, apart, what is not a model input."""
+
+    inputs: dict[str, torch.Tensor | dict[str, torch.Tensor]]
+    """``input_ids``, ``labels``, ``slot_features`` (packed: ``position_ids``), and ``targets``:
+    output modality → caption embeddings."""
+    record_ids: list[str]
+    """The records of the batch's examples, in row-major order (for samples and messages)."""
+    real_tokens: int
+    """Tokens that are not padding (for throughput)."""
+
+    def to(self, device) -> Batch:
+        moved = {k: {m: t.to(device) for m, t in v.items()} if isinstance(v, dict) else v.to(device)
+                 for k, v in self.inputs.items()}
+        return replace(self, inputs=moved)
 
 
-def record_feature(record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
+def record_feature(record: Record, features: dict[MediaRef, torch.Tensor]) -> torch.Tensor | None:
     if not record.media:
         return None
     return torch.stack([features[ref] for ref in record.media]).sum(0)
 
 
-def tool_items(pairs: list[tuple[Record, str]]) -> list[Item]:
-    """Tool-selection examples: one per (request, acceptable tool)."""
-    return [Item(record.id, record.query, format_answer(tool), record.media, source=record.source) for record, tool in pairs]
-
-
-def run_problem(labels: list[int], item: Item, signal: SignalTokens) -> str | None:
+def run_problem(labels: list[int], record: Record, signal: SignalTokens) -> str | None:
     """Why an example's signal tokens cannot feed the output projectors, or None: each run
-    complete, and exactly one run, of the target's modality, when the item has a caption embedding."""
+    complete, and exactly one run, of the target's modality, when the record has a caption embedding."""
     problem = check_runs(labels, signal)
     if problem:
         return f"{problem} in the data"
     runs = {m: labels.count(ids[0]) for m, ids in signal.ids.items() if ids}
-    wanted = {m: int(item.target is not None and item.target.modality == m) for m in runs}
+    wanted = {m: int(record.target is not None and record.target.modality == m) for m in runs}
     if runs != wanted:
         return "signal-token runs do not match the caption embeddings (one run per generation answer)"
     return None
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Items tokenized once up front (a few thousand rows take about a second).
+    """Records tokenized once up front (a few thousand rows take about a second).
 
     With signal tokens, an example whose run cannot feed its output projector — cut by
     ``max_tgt_len``, incomplete in the data, or without a caption embedding — is skipped and
@@ -68,7 +72,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        items: list[Item],
+        records: list[Record],
         tokenizer: PromptTokenizer,
         features: dict[MediaRef, torch.Tensor],
         max_tgt_len: int,
@@ -78,40 +82,34 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.examples: list[Example] = []
         self.truncated = 0
         self.skipped: Counter = Counter()
-        for item in items:
-            tokens = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len)
-            problem = None
-            if all(label == IGNORE_INDEX for label in tokens.labels):
-                problem = "answer cut entirely by max_tgt_len (over-long query)"
-            elif signal is not None:
-                problem = self._run_problem(tokens, item, tokenizer, signal)
+        for record in records:
+            tokens = build_example(tokenizer, record.query, bool(record.media), record.answer, max_tgt_len)
+            problem = self._problem(tokens, record, tokenizer, signal)
             if problem:
                 self.skipped[problem] += 1
                 if report is not None:
-                    report.skipped[problem] += 1
-                    report.used -= 1
-                    report.note(problem, item.id)
+                    report.drop(problem, record.id)
                 continue
             self.truncated += tokens.truncated
-            self.examples.append(
-                Example(
-                    input_ids=torch.tensor(tokens.input_ids),
-                    labels=torch.tensor(tokens.labels),
-                    feature=record_feature(item, features),
-                    record_id=item.id,
-                    target=item.target,
-                    source=item.source,
-                )
-            )
+            self.examples.append(replace(
+                tokens, input_ids=torch.tensor(tokens.input_ids), labels=torch.tensor(tokens.labels),
+                feature=record_feature(record, features), target=record.target, record_id=record.id,
+                source=record.source,
+            ))
         if self.skipped:
             log.warning("skipped %d examples: %s", sum(self.skipped.values()), dict(self.skipped))
 
     @staticmethod
-    def _run_problem(tokens, item: Item, tokenizer: PromptTokenizer, signal: SignalTokens) -> str | None:
-        problem = run_problem(tokens.labels, item, signal)
+    def _problem(tokens: Example, record: Record, tokenizer: PromptTokenizer, signal: SignalTokens | None) -> str | None:
+        """Why the example cannot train, or None."""
+        if all(label == IGNORE_INDEX for label in tokens.labels):
+            return "answer cut entirely by max_tgt_len (over-long query)"
+        if signal is None:
+            return None
+        problem = run_problem(tokens.labels, record, signal)
         if problem and tokens.truncated:
-            whole = build_example(tokenizer, item.query, bool(item.media), item.answer, max_tgt_len=1 << 30)
-            if run_problem(whole.labels, item, signal) is None:
+            whole = build_example(tokenizer, record.query, bool(record.media), record.answer, max_tgt_len=1 << 30)
+            if run_problem(whole.labels, record, signal) is None:
                 return "signal-token run cut by max_tgt_len"
         return problem
 
@@ -125,9 +123,19 @@ class InstructionDataset(torch.utils.data.Dataset):
         return replace(example, target_value=torch.from_numpy(example.target.store.load(example.target.name)))
 
 
+def stack_targets(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Output modality → its examples' caption embeddings stacked in row order: the model's
+    ``targets`` (a modality without a run in the batch is absent)."""
+    by_modality: dict[str, list[torch.Tensor]] = {}
+    for e in examples:
+        if e.target is not None:
+            by_modality.setdefault(e.target.modality, []).append(e.target_value)
+    return {m: torch.stack(by_modality[m]) for m in OUTPUT_MODALITIES if m in by_modality}
+
+
 class Collator:
     """Right padding (pad = EOS, as the original) and the caption embeddings of each output
-    modality in row order (``target_<modality>``).
+    modality in row order (``targets``, see ``stack_targets``).
 
     No attention mask: under causal attention a real token never sees the padding to its right,
     so the mask changes nothing that the loss reads (the padding's own outputs carry no label).
@@ -139,25 +147,17 @@ class Collator:
         self.pad_token_id = pad_token_id
         self.feature_dim = feature_dim
 
-    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[Example]) -> Batch:
         input_ids = pad_sequence([e.input_ids for e in examples], batch_first=True, padding_value=self.pad_token_id)
         labels = pad_sequence([e.labels for e in examples], batch_first=True, padding_value=IGNORE_INDEX)
-        lengths = torch.tensor([len(e.input_ids) for e in examples])
+        inputs = {"input_ids": input_ids, "labels": labels, "slot_features": self.slot_features(examples)}
+        inputs["targets"] = stack_targets(examples)
+        return Batch(inputs, [e.record_id for e in examples], sum(len(e.input_ids) for e in examples))
+
+    def slot_features(self, examples: list[Example]) -> torch.Tensor:
+        """The media features in example order, one per example that has a slot."""
         features = [e.feature for e in examples if e.feature is not None]
-        slot_features = torch.stack(features) if features else torch.zeros(0, self.feature_dim)
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "slot_features": slot_features,
-            # Not model inputs (the loop pops them): for samples and real-token counts.
-            "record_ids": [e.record_id for e in examples],
-            "real_tokens": int(lengths.sum()),
-        }
-        for modality in OUTPUT_MODALITIES:
-            targets = [e.target_value for e in examples if e.target is not None and e.target.modality == modality]
-            if targets:
-                batch[f"target_{modality}"] = torch.stack(targets)
-        return batch
+        return torch.stack(features) if features else torch.zeros(0, self.feature_dim)
 
 
 class PackingCollator(Collator):
@@ -195,7 +195,7 @@ class PackingCollator(Collator):
                 return rows, used
             count += 1
 
-    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[Example]) -> Batch:
         rows, used = self._balanced_rows(examples)
         width = max(used)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -212,20 +212,10 @@ class PackingCollator(Collator):
                 start = end
                 ordered.append(example)
             position_ids[r, start:] = torch.arange(width - start)  # the padding is a block of its own
-        features = [e.feature for e in ordered if e.feature is not None]
-        batch = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "labels": labels,
-            "slot_features": torch.stack(features) if features else torch.zeros(0, self.feature_dim),
-            "record_ids": [e.record_id for e in ordered],
-            "real_tokens": sum(used),
-        }
-        for modality in OUTPUT_MODALITIES:
-            targets = [e.target_value for e in ordered if e.target is not None and e.target.modality == modality]
-            if targets:
-                batch[f"target_{modality}"] = torch.stack(targets)
-        return batch
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                  "slot_features": self.slot_features(ordered)}
+        inputs["targets"] = stack_targets(ordered)
+        return Batch(inputs, [e.record_id for e in ordered], sum(used))
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

@@ -2,7 +2,9 @@
 
 Input: for each run, the last-layer hidden states of its n signal tokens plus the input
 embeddings of those tokens (both ``(N, n, llm_hidden)``). Output: ``(N, target_tokens,
-target_dim)`` — 77×768 for Stable Diffusion 1.5, 77×1024 for Zeroscope, 1×512 for AudioLDM.
+target_dim)`` from ``model.outputs.<modality>`` — 77×768 for Stable Diffusion 1.5, 77×1024 for
+Zeroscope, 1×512 for AudioLDM (the published values, ``toollmm.output_modalities``). One
+projector per output modality, built in the registry's order (``model.toollmm.build_model``).
 
 Submodule names (``fc``, ``tfm``, ``model``, ``query_embs``) are the published ones, so
 NExT-GPT's released output-projector weights map onto these by a prefix rename.

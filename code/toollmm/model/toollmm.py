@@ -18,9 +18,10 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from toollmm.config import OUTPUT_MODALITIES, ModelConfig, resolve_path
+from toollmm.config import ModelConfig, resolve_path
 from toollmm.model.families import lora_targets
 from toollmm.model.projectors import build_output_projector
+from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID
 from toollmm.signal_tokens import SignalTokens, find_runs
 
@@ -76,16 +77,14 @@ class ToolLMM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         slot_features: torch.Tensor | None = None,
-        target_image: torch.Tensor | None = None,
-        target_video: torch.Tensor | None = None,
-        target_audio: torch.Tensor | None = None,
+        targets: dict[str, torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """LM loss on the answer tokens, plus, for each ``target_<modality>`` given, the scaled
-        alignment loss between the projected signal-token runs and those caption embeddings
-        (one target per run, runs in row-major order). Packed rows (``PackingCollator``) come
-        with ``position_ids`` and no ``attention_mask``."""
-        targets = {m: t for m, t in zip(OUTPUT_MODALITIES, (target_image, target_video, target_audio)) if t is not None}
+        """LM loss on the answer tokens, plus, for each output modality in ``targets`` (modality →
+        caption embeddings), the scaled alignment loss between the projected signal-token runs and
+        those embeddings (one per run, runs in row-major order). Packed rows (``PackingCollator``)
+        come with ``position_ids`` and no ``attention_mask``."""
+        targets = targets or {}
         if targets and labels is None:
             raise ValueError("caption-embedding targets need labels (they locate the signal-token runs)")
         embeds = self.embed_inputs(input_ids, slot_features)
@@ -105,12 +104,20 @@ class ToolLMM(nn.Module):
                 result.update(causal_lm_loss(out.logits, labels))
         if labels is not None:
             result["lm_loss"] = result["loss"].detach()  # the answer tokens' mean, before the alignment terms
-        # Every output projector runs on every training micro-batch, in one order, on zero runs
-        # where the batch has none of its modality (its loss term is then 0 × an empty sum); the
-        # input projector likewise in embed_inputs. Data-parallel ranks must run the same modules:
-        # ZeRO-2 reduces gradients in buckets filled as they arrive, and a projector without a
-        # gradient on one rank makes them differ ("Received data size doesn't match expected
-        # size"); ZeRO-3 gathers a module's weights when it runs, in the same order on all ranks.
+            self.add_alignment_losses(result, hidden, embeds, labels, targets)
+        return result
+
+    def add_alignment_losses(self, result: dict, hidden: torch.Tensor | None, embeds: torch.Tensor, labels: torch.Tensor,
+                             targets: dict[str, torch.Tensor]) -> None:
+        """Each targeted modality's scaled alignment term onto ``result["loss"]``, its l2 and MSE into ``result``.
+
+        Every output projector runs on every training micro-batch, in one order, on zero runs
+        where the batch has none of its modality (its loss term is then 0 × an empty sum); the
+        input projector likewise in embed_inputs. Data-parallel ranks must run the same modules:
+        ZeRO-2 reduces gradients in buckets filled as they arrive, and a projector without a
+        gradient on one rank makes them differ ("Received data size doesn't match expected
+        size"); ZeRO-3 gathers a module's weights when it runs, in the same order on all ranks.
+        """
         for modality in self.output_projectors or {}:
             if modality in targets:
                 prediction = self.project_runs(modality, hidden, embeds, labels)
@@ -122,10 +129,9 @@ class ToolLMM(nn.Module):
                 config = self.outputs_config.modality(modality)
                 result["loss"] = result["loss"] + config.loss_scale * terms[self.outputs_config.alignment_loss]
                 result[f"l2_{modality}"], result[f"mse_{modality}"] = terms["l2"].detach(), terms["mse"].detach()
-            elif self.training and labels is not None:
+            elif self.training:
                 nothing = embeds.new_zeros(0, len(self.signal.ids[modality]), embeds.shape[-1])
                 result["loss"] = result["loss"] + self.output_projectors[modality](nothing, nothing).sum() * 0.0
-        return result
 
     def project_runs(self, modality: str, hidden: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The output projector on every ``modality`` run in the batch: (runs, target_tokens, target_dim).
