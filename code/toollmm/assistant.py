@@ -277,7 +277,7 @@ class Assistant:
                 return responses, None
             start = time.perf_counter()
             ranked = top_k_tools(self.model, self.tokenizer, prompts, features, trie, top_k, settings.top_k_method,
-                                 settings.batch_size, settings.num_beams, show_progress)
+                                 show_progress, batch_size=settings.batch_size, num_beams=settings.num_beams)
             log.info("top-%d (%s) in %.1f s", top_k, settings.top_k_method, time.perf_counter() - start)
             return responses, ranked
 

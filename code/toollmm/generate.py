@@ -277,23 +277,14 @@ def beam_top_k(
     return results
 
 
-def top_k_tools(
-    model: ToolLMM,
-    tokenizer: PromptTokenizer,
-    prompts: list[torch.Tensor],
-    features: list[torch.Tensor | None],
-    trie: AnswerTrie,
-    k: int,
-    method: str = "beam",
-    batch_size: int = 16,
-    num_beams: int | None = None,
-    show_progress: bool = True,
-) -> list[list[dict]]:
+def top_k_tools(model: ToolLMM, tokenizer: PromptTokenizer, prompts: list[torch.Tensor],
+                features: list[torch.Tensor | None], trie: AnswerTrie, k: int, method: str = "beam",
+                show_progress: bool = True, **beam_options) -> list[list[dict]]:
     """The ``k`` most probable catalogue tools per prompt, ``{"tool", "score"}`` best first:
-    ``exact`` scores every answer (``score_catalogue``), ``beam`` searches the trie (``beam_top_k``)."""
+    ``exact`` scores every answer (``score_catalogue``), ``beam`` searches the trie (``beam_top_k``,
+    which takes ``beam_options``: ``batch_size``, ``num_beams``)."""
     if method not in TOP_K_METHODS:
         raise ValueError(f"top-k method {method!r} is not one of {list(TOP_K_METHODS)}")
     if method == "exact":
         return rank_tools(score_catalogue(model, tokenizer, prompts, features, trie, show_progress=show_progress), trie, k)
-    return beam_top_k(model, tokenizer, prompts, features, trie, k, batch_size, num_beams=num_beams,
-                      show_progress=show_progress)
+    return beam_top_k(model, tokenizer, prompts, features, trie, k, show_progress=show_progress, **beam_options)

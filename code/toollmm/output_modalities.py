@@ -69,8 +69,6 @@ class OutputModality:
     text_encoding: TextEncoding
     empty_prompt: Callable[[Any, Any], Any]
     """(pipeline, device) → the pipeline's encoding of "": the negative of classifier-free guidance."""
-    decode_options: Mapping[str, Any]
-    """Pipeline arguments of NExT-GPT's demo, over the pipeline's own defaults."""
     suffix: str
     write: Callable[..., None]
     """(pipeline, arguments, path, fps=) → runs the pipeline and writes its output to ``path``."""
@@ -78,6 +76,8 @@ class OutputModality:
     """The Gradio component that shows the written file in the demo."""
     nextgpt_projector: str
     """Key prefix of this modality's output projector in NExT-GPT's checkpoints."""
+    decode_options: Mapping[str, Any] = MappingProxyType({})
+    """Pipeline arguments of NExT-GPT's demo, over the pipeline's own defaults."""
 
 
 # --------------------------------------------------------------------------- text encoders
@@ -171,19 +171,19 @@ OUTPUT_MODALITIES: dict[str, OutputModality] = {
         OutputModality(
             name="image", token_prefix="IMG", signal_tokens=4, target_tokens=77, target_dim=768,
             decoder_path=f"{DIFFUSION_CKPT}/stable-diffusion-v1-5", pipeline="StableDiffusionPipeline",
-            text_encoding=CLIP_TOKEN_STATES, empty_prompt=encode_empty_prompt, decode_options=MappingProxyType({}),
+            text_encoding=CLIP_TOKEN_STATES, empty_prompt=encode_empty_prompt,
             suffix=".png", write=write_image, display="Image", nextgpt_projector="gen_text_hidden_fcs.0.",
         ),
         OutputModality(
             name="video", token_prefix="VID", signal_tokens=24, target_tokens=77, target_dim=1024,
             decoder_path=f"{DIFFUSION_CKPT}/zeroscope_v2_576w", pipeline="TextToVideoSDPipeline",
-            text_encoding=CLIP_TOKEN_STATES, empty_prompt=encode_empty_prompt,
-            decode_options=MappingProxyType({"num_frames": 24}),
+            text_encoding=CLIP_TOKEN_STATES, empty_prompt=encode_empty_prompt, decode_options=MappingProxyType({"num_frames": 24}),
             suffix=".mp4", write=write_video, display="Video", nextgpt_projector="gen_text_hidden_fcs_video.0.",
         ),
         OutputModality(
             name="audio", token_prefix="AUD", signal_tokens=8, target_tokens=1, target_dim=512,
             decoder_path=f"{DIFFUSION_CKPT}/audioldm-l-full", pipeline="AudioLDMPipeline",
+            # AudioLDM conditions on CLAP's one pooled vector, and its pipeline encodes "" its own way.
             text_encoding=CLAP_POOLED, empty_prompt=encode_empty_prompt_audioldm,
             decode_options=MappingProxyType({"audio_length_in_s": 9.0}),
             suffix=".wav", write=write_audio, display="Audio", nextgpt_projector="gen_text_hidden_fcs_audio.0.",
