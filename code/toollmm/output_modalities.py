@@ -14,7 +14,7 @@ media writers' libraries are imported inside the callables.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -76,7 +76,7 @@ class OutputModality:
     """The Gradio component that shows the written file in the demo."""
     nextgpt_projector: str
     """Key prefix of this modality's output projector in NExT-GPT's checkpoints."""
-    decode_options: Mapping[str, Any] = MappingProxyType({})
+    decode_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Pipeline arguments of NExT-GPT's demo, over the pipeline's own defaults."""
 
 
