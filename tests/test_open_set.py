@@ -1,0 +1,79 @@
+"""Open-set foundations on the bundled ToolMMBench data: the tool-level split (unseen tools never
+reach training), the catalogue file of tool entries, and the TF-IDF text-similarity baseline."""
+
+from collections import Counter
+
+import pytest
+
+from conftest import TINY_CONFIG
+from toollmm.config import ConfigError, load_config
+from toollmm.data import load_splits
+from toollmm.data.split import pick_unseen_tools, tool_modalities, training_records
+
+
+def splits_with(*overrides):
+    return load_splits(load_config(3, [str(TINY_CONFIG)], list(overrides)).data)
+
+
+@pytest.fixture(scope="module")
+def default_splits():
+    return splits_with()
+
+
+@pytest.fixture(scope="module")
+def open_splits():
+    return splits_with("data.split.unseen_tools=0.2")
+
+
+def test_unseen_tools_never_reach_training(open_splits):
+    unseen = open_splits.unseen_tools
+    assert len(unseen) == 185 and unseen <= set(open_splits.catalogue)
+    for record in training_records(open_splits.train, keep_duplicates=True):
+        assert record.tools[0].strip() not in unseen
+    assert not {r.request_key for r in open_splits.train} & {r.request_key for r in open_splits.test}
+    assert len(open_splits.train) == 3644
+    tags = Counter(open_splits.tool_split(query) for query in open_splits.test_queries())
+    assert tags == {"seen": 376, "unseen": 114}
+
+
+def test_unseen_tools_are_stratified_by_input_modality(default_splits, open_splits):
+    main_modality = tool_modalities(default_splits.train + default_splits.test)
+    tools = Counter(main_modality.values())
+    held = Counter(main_modality[tool] for tool in open_splits.unseen_tools)
+    assert tools == {"text": 652, "image": 186, "audio": 79, "video": 9}
+    assert held == {modality: round(0.2 * n) for modality, n in tools.items()} == {"text": 130, "image": 37, "audio": 16, "video": 2}
+
+
+def test_unseen_tools_depend_on_the_seed_only(default_splits):
+    records = default_splits.train + default_splits.test
+    first = pick_unseen_tools(records, 0.2, seed=0)
+    assert pick_unseen_tools(list(reversed(records)), 0.2, seed=0) == first
+    assert pick_unseen_tools(records, 0.2, seed=1) != first
+    assert pick_unseen_tools(records, 0.0, seed=0) == frozenset()
+
+
+def test_no_unseen_tools_leaves_the_split_unchanged(default_splits):
+    explicit = splits_with("data.split.unseen_tools=0")
+    assert default_splits.unseen_tools == explicit.unseen_tools == frozenset()
+    assert [r.id for r in explicit.train] == [r.id for r in default_splits.train]
+    assert [r.id for r in explicit.test] == [r.id for r in default_splits.test]
+    assert (len(default_splits.train), len(default_splits.test)) == (4363, 842)
+    assert {default_splits.tool_split(q) for q in default_splits.test_queries()} == {"seen"}
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_unseen_fraction_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match=rf"data.split.unseen_tools must be in \[0, 1\), got {value}"):
+        load_config(3, [str(TINY_CONFIG)], [f"data.split.unseen_tools={value}"])
+
+
+def test_a_request_that_also_accepts_a_seen_tool_trains_on_it_only():
+    from toollmm.data.records import Record
+    from toollmm.data.split import hold_out_tools
+
+    both = [Record(id="a1", query="q1", tools=["seen"]), Record(id="a2", query="q1", tools=[" new"])]
+    only_new = [Record(id="b1", query="q2", tools=["new"])]
+    listed = [Record(id="c1", query="q3", tools=["seen", "new"])]
+    train, test = hold_out_tools(both + only_new + listed, [], frozenset({"new"}))
+    assert [(r.id, r.tools) for r in train] == [("a1", ["seen"]), ("c1", ["seen"])]
+    assert [r.id for r in test] == ["b1"]
