@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from conftest import TINY_CONFIG
+from toollmm.catalogue import CatalogueError, ToolEntry, describe_tools, load_catalogue, read_tool_entries, write_tool_entries
 from toollmm.config import ConfigError, load_config
 from toollmm.data import load_splits
 from toollmm.data.split import pick_unseen_tools, tool_modalities, training_records
@@ -77,3 +78,54 @@ def test_a_request_that_also_accepts_a_seen_tool_trains_on_it_only():
     train, test = hold_out_tools(both + only_new + listed, [], frozenset({"new"}))
     assert [(r.id, r.tools) for r in train] == [("a1", ["seen"]), ("c1", ["seen"])]
     assert [r.id for r in test] == ["b1"]
+
+
+def test_bundled_entries_tell_only_what_training_rows_tell(open_splits, tmp_path):
+    entries = describe_tools(open_splits.catalogue, open_splits.train)
+    by_name = {entry.name: entry for entry in entries}
+    assert [entry.name for entry in entries] == open_splits.catalogue
+    assert by_name["Salesforce/blip-image-captioning-large"] == ToolEntry(
+        name="Salesforce/blip-image-captioning-large", input_modalities=("image",),
+        examples=("Write a short caption for this photo.",
+                  "For a course project, I need a description of this image. What features can you see in this image?",
+                  "I'm sorting through my nature photography and it would be helpful to have descriptions of these "
+                  "images to organize them better. Can you help with that?"))
+    # unseen tools: the name alone; 10 seen tools only have rows on the test side
+    bare = {entry.name for entry in entries if entry.examples == entry.input_modalities == ()}
+    assert bare >= open_splits.unseen_tools and len(bare) == 185 + 10
+    test_queries = {query.query for query in open_splits.test_queries()}
+    train_queries = {record.query for record in open_splits.train}
+    assert all(set(entry.examples) <= train_queries for entry in entries)
+    assert not {example for entry in entries for example in entry.examples} & test_queries - train_queries
+    write_tool_entries(tmp_path / "tools.jsonl", entries)
+    assert read_tool_entries(tmp_path / "tools.jsonl") == entries
+    assert load_catalogue(tmp_path / "tools.jsonl") == open_splits.catalogue
+
+
+def test_a_list_of_names_and_a_json_list_of_entries_read(tmp_path):
+    (tmp_path / "names.json").write_text('["b/tool", "a/tool"]')
+    assert load_catalogue(tmp_path / "names.json") == ["a/tool", "b/tool"]
+    (tmp_path / "entries.json").write_text('[{"name": " new/tool ", "task": "depth estimation", "tags": ["depth"], '
+                                           '"input_modalities": ["image"], "description": "Predicts depth."}, "b/tool"]')
+    assert read_tool_entries(tmp_path / "entries.json") == [
+        ToolEntry("new/tool", task="depth estimation", input_modalities=("image",), description="Predicts depth.", tags=("depth",)),
+        ToolEntry("b/tool")]
+
+
+@pytest.mark.parametrize("text, suffix, problem", [
+    ('{"name": "a"}\n{"task": "x"}\n', ".jsonl", r"tools.jsonl line 2: 'name' is missing or empty"),
+    ('[{"name": "a"}, {"name": " a"}]', ".json", r"tools.json entry 1: duplicate name 'a' \(first at .*tools.json entry 0\)"),
+    ('[{"name": "a", "descripton": "x"}]', ".json", r"tools.json entry 0: unknown field 'descripton'; the fields are name, task, "),
+    ('[{"name": "a", "tags": "vision"}]', ".json", r"tools.json entry 0 \('a'\): 'tags' must be a list of strings"),
+    ('[{"name": "a", "task": 3}]', ".json", r"tools.json entry 0 \('a'\): 'task' is a int; expected a string"),
+    ('[{"name": "a", "input_modalities": ["picture"]}]', ".json", r"entry 0 \('a'\): input modality 'picture' is not one of"),
+    ('{"name": "a"}\n{"name": "b",}\n', ".jsonl", r"tools.jsonl line 2: not valid JSON"),
+    ('{"name": "a"}', ".json", r"tools.json: a JSON dict; expected a list of tool entries"),
+    ('[3]', ".json", r"tools.json entry 0: is a int; expected an object with a 'name'"),
+    ('[]', ".json", r"tools.json: no tool entries"),
+])
+def test_malformed_catalogue_files_name_file_entry_and_problem(tmp_path, text, suffix, problem):
+    path = tmp_path / f"tools{suffix}"
+    path.write_text(text)
+    with pytest.raises(CatalogueError, match=problem):
+        read_tool_entries(path)
