@@ -1,15 +1,20 @@
 """Open-set foundations on the bundled ToolMMBench data: the tool-level split (unseen tools never
 reach training), the catalogue file of tool entries, and the TF-IDF text-similarity baseline."""
 
+import json
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import TINY_CONFIG
 from toollmm.catalogue import CatalogueError, ToolEntry, describe_tools, load_catalogue, read_tool_entries, write_tool_entries
+from toollmm.cli.text_baseline import main as text_baseline
 from toollmm.config import ConfigError, load_config
 from toollmm.data import load_splits
 from toollmm.data.split import pick_unseen_tools, tool_modalities, training_records
+from toollmm.open_set import TfidfIndex, entry_text, rank_by_text, recall_by_group, words
 
 
 def splits_with(*overrides):
@@ -129,3 +134,53 @@ def test_malformed_catalogue_files_name_file_entry_and_problem(tmp_path, text, s
     path.write_text(text)
     with pytest.raises(CatalogueError, match=problem):
         read_tool_entries(path)
+
+
+def test_tfidf_weights_and_ranking_by_hand():
+    index = TfidfIndex(["speech commands audio", "image captioning", "audio tagging audio"])
+    assert list(index.vocabulary) == ["audio", "captioning", "commands", "image", "speech", "tagging"]
+    assert index.idf == pytest.approx([math.log(4 / 3) + 1, math.log(2) + 1, math.log(2) + 1, math.log(2) + 1,
+                                       math.log(2) + 1, math.log(2) + 1])
+    assert np.linalg.norm(index.matrix, axis=1) == pytest.approx([1, 1, 1])
+    assert index.rank("which audio command is this", 3) == [2, 0, 1]  # 'command' is not 'commands'
+    assert index.rank("speech", 1) == [0]
+    assert index.rank("nothing known", 3) == [0, 1, 2]  # all scores 0: document order
+
+
+def test_entry_text_splits_names_into_words():
+    entry = ToolEntry("MIT/ast-finetuned-speech-commands-v2", tags=("keyword",), examples=("Which command?",))
+    assert words(entry_text(entry)) == ["mit", "ast", "finetuned", "speech", "commands", "v2", "keyword", "which", "command"]
+    entries = [ToolEntry("a/image-captioning"), ToolEntry("b/speech-commands")]
+    assert rank_by_text(entries, ["speech commands, please", "caption this image"], k=2) == [
+        ["b/speech-commands", "a/image-captioning"], ["a/image-captioning", "b/speech-commands"]]
+
+
+def test_recall_by_group_counts_any_acceptable_tool_in_the_first_k():
+    rankings = [["x", "a", "b"], ["b"], [], [" c", "x", "x", "x", "x", "a"]]
+    acceptable = [["a"], ["b ", "z"], ["a"], ["a", "c"]]
+    groups = [("all", "seen"), ("all", "seen"), ("all", "unseen"), ("all", "unseen")]
+    assert recall_by_group(rankings, acceptable, groups, ks=(1, 2, 5)) == {
+        "all": {"queries": 4, "recall@1": 0.5, "recall@2": 0.75, "recall@5": 0.75},
+        "seen": {"queries": 2, "recall@1": 0.5, "recall@2": 1.0, "recall@5": 1.0},
+        "unseen": {"queries": 2, "recall@1": 0.5, "recall@2": 0.5, "recall@5": 0.5}}
+
+
+def test_text_baseline_on_the_bundled_split(tmp_path):
+    recall = text_baseline(["--config", str(TINY_CONFIG), "--output", str(tmp_path / "report.json"),
+                            "data.split.unseen_tools=0.2"])
+    hits = {label: (row["queries"], round(row["recall@1"] * row["queries"]), round(row["recall@5"] * row["queries"]))
+            for label, row in recall.items()}
+    assert hits["seen"] == (376, 109, 176) and hits["unseen"] == (114, 2, 4)
+    assert hits["unseen/image"] == (29, 2, 3) and hits["seen/audio"] == (120, 45, 70)
+    assert sum(hits[f"unseen/{m}"][0] for m in ("text", "image", "audio", "video")) == 114
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["catalogue_size"] == 926 and len(report["unseen_tools"]) == 185 and report["recall"] == recall
+
+
+def test_text_baseline_reads_a_catalogue_file_and_refuses_a_bad_one(tmp_path):
+    write_tool_entries(tmp_path / "tools.jsonl", [ToolEntry("only/tool")])
+    recall = text_baseline(["--config", str(TINY_CONFIG), "--catalogue", str(tmp_path / "tools.jsonl")])
+    assert recall["all"] == {"queries": 393, "recall@1": 0.0, "recall@5": 0.0}
+    (tmp_path / "bad.json").write_text('[{"nme": "x"}]')
+    with pytest.raises(SystemExit, match=r"text_baseline: .*bad.json entry 0: unknown field 'nme'"):
+        text_baseline(["--config", str(TINY_CONFIG), "--catalogue", str(tmp_path / "bad.json")])
