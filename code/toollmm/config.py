@@ -209,8 +209,7 @@ class SplitConfig:
     seed: int = 0
     """Seed of the held-out split's draw (with test_fraction > 0) and of the unseen tools' draw."""
     unseen_tools: float = 0.0
-    """Fraction of the tools, per main input modality, whose requests never reach training (moved to the
-    test split, where their queries are tagged unseen): open-set evaluation. 0: every tool is trained on."""
+    """Fraction of tools (per input modality) never trained on, tested as unseen; 0: all tools train."""
 
 
 @dataclass
