@@ -1,5 +1,6 @@
 """Open-set foundations on the bundled ToolMMBench data: the tool-level split (unseen tools never
-reach training), the catalogue file of tool entries, and the TF-IDF text-similarity baseline."""
+reach training), the catalogue file of tool entries (a new tool in it is a constrained answer), and
+the TF-IDF text-similarity baseline."""
 
 import json
 import math
@@ -7,14 +8,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import TINY_CONFIG
+from conftest import DATA, TINY_CONFIG, TINY_LLM
 from toollmm.catalogue import CatalogueError, ToolEntry, describe_tools, load_catalogue, read_tool_entries, write_tool_entries
+from toollmm.checkpoint import save_checkpoint
+from toollmm.cli import inference
 from toollmm.cli.text_baseline import main as text_baseline
 from toollmm.config import ConfigError, load_config
 from toollmm.data import load_splits
 from toollmm.data.split import pick_unseen_tools, tool_modalities, training_records
+from toollmm.model.toollmm import build_model
 from toollmm.open_set import TfidfIndex, entry_text, rank_by_text, recall_by_group, words
+from toollmm.tokenization import load_tokenizer
 
 
 def splits_with(*overrides):
@@ -184,3 +190,27 @@ def test_text_baseline_reads_a_catalogue_file_and_refuses_a_bad_one(tmp_path):
     (tmp_path / "bad.json").write_text('[{"nme": "x"}]')
     with pytest.raises(SystemExit, match=r"text_baseline: .*bad.json entry 0: unknown field 'nme'"):
         text_baseline(["--config", str(TINY_CONFIG), "--catalogue", str(tmp_path / "bad.json")])
+
+
+def test_a_new_tool_in_a_catalogue_file_is_selectable_without_retraining(tiny_default, tmp_path):
+    """The checkpoint never saw ``acme/brand-new-depth-model``: an entries file adds it, and
+    constrained top-k answers rank it beside a trained tool."""
+    config = load_config(3, [str(TINY_CONFIG)], [f"model.llm_path={TINY_LLM}", "model.dtype=fp32"])
+    config.data.feature_cache_dir = str(tmp_path / "features")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", build_model(config.model, 1024).eval(), config, load_tokenizer(TINY_LLM),
+                    {"step": 1}, "encoder-id")
+    rows = [row for row in json.loads((DATA / "toolmmbench" / "combined_data.json").read_text())
+            if row["input_modality"] == "text"][:2]
+    (tmp_path / "queries.json").write_text(json.dumps(rows))
+    new = ToolEntry("acme/brand-new-depth-model", task="depth estimation", input_modalities=("image",))
+    write_tool_entries(tmp_path / "tools.jsonl", [new, ToolEntry("gpt2")])
+    inference.main(["--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "queries.json"), "--output",
+                    str(tmp_path / "top.json"), "--catalogue", str(tmp_path / "tools.jsonl"),
+                    "inference.constrained=true", "inference.top_k=2"])
+    answers = json.loads((tmp_path / "top.json").read_text())
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer["tool"] in {new.name, "gpt2"}
+        assert sorted(r["tool"] for r in answer["top_k"]) == [new.name, "gpt2"]
+        assert all(math.isfinite(r["score"]) for r in answer["top_k"])
