@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import DATA, ROOT
+from toollmm.catalogue import describe_tools, read_tool_entries
 from toollmm.cli.preprocess_dataset import main
 from toollmm.config import load_config
 from toollmm.data import load_splits
@@ -91,3 +92,4 @@ def test_the_written_split_reads_back_as_the_training_data(tmp_path):
     assert [(r.query, r.media_keys, r.tools) for r in train] == expected_train
     assert [(q.query, q.media_keys, q.tools) for q in test] == expected_test
     assert json.loads((tmp_path / "catalogue.json").read_text()) == splits.catalogue
+    assert read_tool_entries(tmp_path / "tools.jsonl") == describe_tools(splits.catalogue, splits.train)

@@ -41,7 +41,7 @@ def test_preprocess_dataset_is_reproducible(tiny_default, tmp_path):
         run_entry("preprocess_dataset.py", "--config", str(TINY_CONFIG), "--output-dir", str(tmp_path / name))
         outputs.append({p.name: digest(p) for p in (tmp_path / name).iterdir()})
     assert outputs[0] == outputs[1]
-    assert sorted(outputs[0]) == ["catalogue.json", "report.json", "test.json", "train.json"]
+    assert sorted(outputs[0]) == ["catalogue.json", "report.json", "test.json", "tools.jsonl", "train.json"]
     train = json.loads((tmp_path / "a" / "train.json").read_text())
     test = json.loads((tmp_path / "a" / "test.json").read_text())
     train_requests = {(r["conversations"][0]["value"], r["image_path"], r["audio_path"], r["video_path"]) for r in train}

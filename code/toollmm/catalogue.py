@@ -1,5 +1,5 @@
-"""The tool catalogue as a prefix trie over tokenized answers, and the logits processor that
-keeps generation inside it.
+"""The tool catalogue: its file of tool entries (a name and what is known about the tool), a
+prefix trie over the tokenized answers, and the logits processor that keeps generation inside it.
 
 Every catalogue tool ``t`` has one answer, ``tokenizer.encode(format_answer(t))`` — the
 exact token ids the model was trained on (the answer segment is encoded on its own, see
@@ -10,12 +10,15 @@ exact token ids the model was trained on (the answer segment is encoded on its o
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import LogitsProcessor
 
+from toollmm.modalities import MODALITIES
 from toollmm.prompts import format_answer, parse_answer
 from toollmm.tokenization import PromptTokenizer
 
@@ -250,9 +253,118 @@ class TrieLogitsProcessor(LogitsProcessor):
         return torch.where(done[:, None], only_eos, scores + mask)
 
 
+class CatalogueError(ValueError):
+    """A catalogue file that cannot be read: the message names the file, the entry and the problem."""
+
+
+@dataclass(frozen=True)
+class ToolEntry:
+    """One tool of a catalogue file. Only ``name`` is required; the rest is what is known about
+    the tool, used by text matching (``toollmm.open_set``)."""
+
+    name: str
+    task: str = ""
+    input_modalities: tuple[str, ...] = ()
+    """Input modalities the tool serves: text, image, audio, video."""
+    output_modality: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+    """Requests the tool serves (the bundled catalogue's: training queries only)."""
+
+    def to_dict(self) -> dict:
+        """The entry as a file writes it: the name and the fields that are set."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items() if value}
+
+
+ENTRY_FIELDS = tuple(f.name for f in fields(ToolEntry))
+LIST_FIELDS = ("input_modalities", "tags", "examples")
+INPUT_MODALITIES = ("text", *MODALITIES)
+
+
+def _entry(item: object, where: str) -> ToolEntry:
+    """A file entry (an object, or a bare name string) as a ``ToolEntry``; ``CatalogueError`` names the problem."""
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict):
+        raise CatalogueError(f"{where}: is a {type(item).__name__}; expected an object with a 'name' (or a name string)")
+    unknown = sorted(set(item) - set(ENTRY_FIELDS))
+    if unknown:
+        raise CatalogueError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(ENTRY_FIELDS)}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise CatalogueError(f"{where}: 'name' is missing or empty; every entry names its tool")
+    values = {}
+    for key, value in item.items():
+        if key in LIST_FIELDS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CatalogueError(f"{where} ({name!r}): {key!r} must be a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, str):
+            raise CatalogueError(f"{where} ({name!r}): {key!r} is a {type(value).__name__}; expected a string")
+        values[key] = value
+    bad = [m for m in values.get("input_modalities", ()) if m not in INPUT_MODALITIES]
+    if bad:
+        raise CatalogueError(f"{where} ({name!r}): input modality {bad[0]!r} is not one of {list(INPUT_MODALITIES)}")
+    return ToolEntry(**{**values, "name": name.strip()})
+
+
+def _json(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CatalogueError(f"{where}: not valid JSON ({err}); expected a JSON list of entries, or .jsonl with one a line") from None
+
+
+def _file_items(path: Path) -> list[tuple[str, object]]:
+    """(where, item) for each entry of a JSON list file or a JSON Lines file (``.jsonl``)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CatalogueError(f"{path}: cannot be read ({err}); expected a catalogue file (JSON list or JSON Lines)") from None
+    if Path(path).suffix == ".jsonl":
+        return [(f"{path} line {n}", _json(line, f"{path} line {n}")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    items = _json(text, str(path))
+    if not isinstance(items, list):
+        raise CatalogueError(f"{path}: a JSON {type(items).__name__}; expected a list of tool entries")
+    return [(f"{path} entry {index}", item) for index, item in enumerate(items)]
+
+
+def read_tool_entries(path: Path) -> list[ToolEntry]:
+    """The entries of a catalogue file, in file order: a JSON list or JSON Lines (``.jsonl``) of
+    objects with ``name`` and the optional ``ToolEntry`` fields, or of bare name strings (the
+    ``catalogue.json`` that ``preprocess_dataset.py`` writes). Duplicate names are refused."""
+    entries, first = [], {}
+    for where, item in _file_items(path):
+        entry = _entry(item, where)
+        if entry.name in first:
+            raise CatalogueError(f"{where}: duplicate name {entry.name!r} (first at {first[entry.name]})")
+        first[entry.name] = where
+        entries.append(entry)
+    if not entries:
+        raise CatalogueError(f"{path}: no tool entries; a catalogue names at least one tool")
+    return entries
+
+
 def load_catalogue(path: Path) -> list[str]:
-    """A JSON list of tool names (``catalogue.json`` as ``preprocess_dataset.py`` writes it)."""
-    names = json.loads(Path(path).read_text())
-    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ValueError(f"{path}: expected a JSON list of non-empty tool names")
-    return sorted(set(names))
+    """The sorted tool names of a catalogue file (see ``read_tool_entries``)."""
+    return sorted(entry.name for entry in read_tool_entries(path))
+
+
+def describe_tools(names: Sequence[str], training: Sequence, examples: int = 3) -> list[ToolEntry]:
+    """Entries from what the training rows tell, nothing more: each tool's name, the input
+    modalities of the training rows that answer it, and its first ``examples`` distinct training
+    queries. A tool with no training row (an unseen tool) gets its name alone."""
+    modalities, queries = defaultdict(set), defaultdict(list)
+    for record in training:
+        for tool in (tool.strip() for tool in record.tools):
+            modalities[tool].add(record.input_modality)
+            if len(queries[tool]) < examples and record.query not in queries[tool]:
+                queries[tool].append(record.query)
+    return [ToolEntry(name=name, input_modalities=tuple(sorted(modalities[name])), examples=tuple(queries[name]))
+            for name in sorted(names)]
+
+
+def write_tool_entries(path: Path, entries: Sequence[ToolEntry]) -> None:
+    """A JSON Lines catalogue file, one entry a line (``read_tool_entries`` reads it back)."""
+    Path(path).write_text("".join(json.dumps(entry.to_dict(), ensure_ascii=False) + "\n" for entry in entries))

@@ -207,7 +207,9 @@ class SplitConfig:
     test_fraction: float = 0.0
     """0: train on train_files, evaluate on eval_files; >0: pool both and hold out this fraction of queries."""
     seed: int = 0
-    """Seed of the held-out split's draw (with test_fraction > 0)."""
+    """Seed of the held-out split's draw (with test_fraction > 0) and of the unseen tools' draw."""
+    unseen_tools: float = 0.0
+    """Fraction of tools (per input modality) never trained on, tested as unseen; 0: all tools train."""
 
 
 @dataclass
@@ -551,6 +553,8 @@ def validate(config: RunConfig) -> None:
                           "or set it to null for the LLM family's row")
     if not 0.0 <= config.data.split.test_fraction < 1.0:
         raise ConfigError(f"data.split.test_fraction must be in [0, 1), got {config.data.split.test_fraction}")
+    if not 0.0 <= config.data.split.unseen_tools < 1.0:
+        raise ConfigError(f"data.split.unseen_tools must be in [0, 1), got {config.data.split.unseen_tools}")
     if t.stage == 3 and not (config.data.train_files or config.data.instruction_files):
         raise ConfigError("stage 3 has no data: list data.train_files (tool rows) and/or data.instruction_files")
     if t.stage in (1, 2) and not config.data.caption_files:

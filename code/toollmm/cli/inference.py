@@ -84,8 +84,8 @@ def parse_args(argv):
                         help="answer N queries spread evenly over the selection (every len/N-th, in file order): "
                              "a quicker estimate over all its files and modalities, where --limit takes the first file's")
     parser.add_argument("--catalogue", type=Path, default=None,
-                        help="JSON list of tool names for constrained and top-k answers (default: the tools of the "
-                             "checkpoint's data files)")
+                        help="catalogue file for constrained and top-k answers: a JSON list of tool names, or a JSON list "
+                             "or JSON Lines of tool entries (docs/open_set.md); default: the tools of the checkpoint's data files")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="settings over the checkpoint config's: inference.<key>=VALUE (e.g. inference.top_k=5 "
                              "inference.constrained=true), model.llm_path=DIR if the base LLM moved")

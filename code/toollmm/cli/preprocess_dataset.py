@@ -4,7 +4,8 @@
 
 writes ``train.json`` (one row per (request, tool), the published training layout),
 ``test.json`` (one row per request with the list of acceptable tools, the evaluation
-layout), ``catalogue.json`` (every tool name) and ``report.json`` (rows read, used,
+layout), ``catalogue.json`` (every tool name), ``tools.jsonl`` (one catalogue entry a tool: its
+name, the input modalities and a few queries of its training rows) and ``report.json`` (rows read, used,
 skipped by reason, with examples naming file and row). Running it twice gives identical files.
 Both JSON files are ToolMMBench rows: a ``data.train_files`` or ``data.eval_files`` entry may name them.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+from toollmm.catalogue import describe_tools, write_tool_entries
 from toollmm.config import ConfigError, load_config
 from toollmm.data import load_splits
 from toollmm.data.records import UNREADABLE_FILE, Record
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name, payload in (("train.json", train), ("test.json", test), ("catalogue.json", splits.catalogue),
                           ("report.json", splits.report.to_dict())):
         (out / name).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    write_tool_entries(out / "tools.jsonl", describe_tools(splits.catalogue, splits.train))
     print(f"{len(train)} training rows, {len(test)} test queries, {len(splits.catalogue)} tools → {out}\n"
           f"{splits.report.summary()}")
     return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from toollmm.config import DataConfig, resolve_path
 from toollmm.data.records import DataFileError, DataReport, Record, skip_file
-from toollmm.data.split import group_queries, split_by_query
+from toollmm.data.split import group_queries, hold_out_tools, pick_unseen_tools, split_by_query, tool_split
 from toollmm.data.toolmmbench import read_toolmmbench, tool_catalogue
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,8 @@ class Splits:
     test: list[Record]
     catalogue: list[str]
     report: DataReport = field(default_factory=DataReport)
+    unseen_tools: frozenset[str] = frozenset()
+    """Tools held out of training (``data.split.unseen_tools``); still in ``catalogue``."""
 
     def test_queries(self) -> list[Record]:
         """One record per test request, with every tool it accepts."""
@@ -29,6 +31,10 @@ class Splits:
         queries = group_queries(self.train)
         step = max(1, len(queries) // limit) if limit else 1
         return queries[::step][:limit] if limit else []
+
+    def tool_split(self, query: Record) -> str:
+        """``seen`` or ``unseen``: whether the query's tools were held out of training."""
+        return tool_split(query, self.unseen_tools)
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -61,4 +67,8 @@ def load_splits(config: DataConfig) -> Splits:
     train, test = read(config.train_files), read(config.eval_files)
     if config.split.test_fraction > 0:
         train, test = split_by_query(train + test, config.split.test_fraction, config.split.seed)
-    return Splits(train=train, test=test, catalogue=tool_catalogue(catalogue_records), report=report)
+    unseen = frozenset()
+    if config.split.unseen_tools > 0:
+        unseen = pick_unseen_tools(train + test, config.split.unseen_tools, config.split.seed)
+        train, test = hold_out_tools(train, test, unseen)
+    return Splits(train=train, test=test, catalogue=tool_catalogue(catalogue_records), report=report, unseen_tools=unseen)
