@@ -296,12 +296,19 @@ def read_answers(predictions: list[dict], references: dict) -> Answers:
     return answers
 
 
+def first_acceptable_rank(ranking: list[str], acceptable) -> float:
+    """The 1-based rank of the first acceptable tool in ``ranking`` (inf when none is): a question
+    is recalled at k when this is ≤ k. Tools compare whitespace-stripped, a tool's identity."""
+    accepted = {tool.strip() for tool in acceptable}
+    return next((rank for rank, tool in enumerate(ranking, 1) if tool.strip() in accepted), math.inf)
+
+
 def recall_hits(tools: list[str] | None, reference: Reference, max_k: int) -> Counter:
     """One question's recall@1..max_k (``tools``: its ranked tools, None without ``top_k``)."""
     hits = Counter(n=1, with_top_k=int(tools is not None))
-    rank = next((i for i, t in enumerate(tools or []) if t in reference.acceptable), None)
+    rank = first_acceptable_rank(tools or [], reference.acceptable)
     for k in range(1, max_k + 1):
-        hits[f"recall@{k}"] = int(rank is not None and rank < k)
+        hits[f"recall@{k}"] = int(rank <= k)
     return hits
 
 

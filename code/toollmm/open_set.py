@@ -7,7 +7,6 @@ a hit at k when one of its acceptable tools is among the first k ranked tools.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
@@ -15,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from toollmm.catalogue import ToolEntry
+from toollmm.evaluate import first_acceptable_rank
 
 RECALL_AT = (1, 5)
 
@@ -77,8 +77,7 @@ def recall_by_group(rankings: Sequence[Sequence[str]], acceptable: Sequence[Iter
     """
     hits: dict[str, Counter] = defaultdict(Counter)
     for ranking, tools, labels in zip(rankings, acceptable, groups, strict=True):
-        tools = {tool.strip() for tool in tools}
-        first = next((rank for rank, tool in enumerate(ranking, 1) if tool.strip() in tools), math.inf)
+        first = first_acceptable_rank(ranking, tools)
         for label in labels:
             hits[label]["queries"] += 1
             for k in ks:
