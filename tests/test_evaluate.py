@@ -532,3 +532,30 @@ def test_command_refuses_conflicting_files_and_bad_labels(config_only_checkpoint
         main([*common, "--predictions", str(a), str(b), "--labels", "only-one"])
     with pytest.raises(SystemExit):
         main([*common, "--predictions", str(a), str(a)])  # same default label
+
+
+def test_tool_split_breakdown_and_recall(tmp_path):
+    """Questions tagged seen / unseen get their own accuracy rows and recall@k rows, per split
+    and per split and modality; the report and the chart show them."""
+    references = {
+        "q1": Reference("q1", ["a"], "text", tool_split="seen"),
+        "q2": Reference("q2", ["b"], "image", tool_split="seen"),
+        "q3": Reference("q3", ["c"], "image", tool_split="unseen"),
+    }
+    top = {"q1": ["a", "b"], "q2": ["a", "b"], "q3": ["a", "b"]}  # q1 at 1, q2 at 2, q3 missed
+    predictions = [{"question_id": q, "response": format_answer(tools[0]),
+                    "top_k": [{"tool": t, "score": -i} for i, t in enumerate(tools)]} for q, tools in top.items()]
+    metrics = evaluate_predictions(predictions, references, {"a", "b", "c"})
+    assert {g: s["correct"] for g, s in metrics["by_tool_split"].items()} == {"seen": 1, "unseen": 0}
+    recall = metrics["top_k_recall"]
+    assert recall["by_tool_split"]["seen"]["recall@1"] == 0.5 and recall["by_tool_split"]["seen"]["recall@2"] == 1.0
+    assert recall["by_tool_split"]["unseen"]["recall@2"] == 0.0
+    assert list(recall["by_tool_split_modality"]) == ["seen/text", "seen/image", "unseen/image"]
+    table = format_recall_table({"model": metrics, "other": metrics})
+    assert "| unseen/image | 1 | 0.000 | 0.000 | 0.000 | 0.000 |" in table
+    _, report_path, _ = write_reports(metrics, tmp_path, "split")
+    assert "## By tool seen or unseen in training" in report_path.read_text()
+    # Without tags, no tool-split rows at all.
+    untagged = {q: Reference(q, r.acceptable, r.input_modality) for q, r in references.items()}
+    plain = evaluate_predictions(predictions, untagged, {"a", "b", "c"})
+    assert "by_tool_split" not in plain and "by_tool_split" not in plain["top_k_recall"]

@@ -214,3 +214,27 @@ def test_a_new_tool_in_a_catalogue_file_is_selectable_without_retraining(tiny_de
         assert answer["tool"] in {new.name, "gpt2"}
         assert sorted(r["tool"] for r in answer["top_k"]) == [new.name, "gpt2"]
         assert all(math.isfinite(r["score"]) for r in answer["top_k"])
+
+
+def test_split_inference_tags_seen_and_unseen_queries_and_evaluation_reports_them(open_splits, tmp_path):
+    """With tools held out, every prediction row says whether its query's tools were seen in
+    training, and evaluate.py reports accuracy and recall for seen and unseen side by side."""
+    from toollmm.cli import evaluate
+
+    overrides = [f"model.llm_path={TINY_LLM}", "model.dtype=fp32", "data.split.unseen_tools=0.2"]
+    config = load_config(3, [str(TINY_CONFIG)], overrides)
+    config.data.feature_cache_dir = str(tmp_path / "features")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", build_model(config.model, 1024).eval(), config, load_tokenizer(TINY_LLM),
+                    {"step": 1}, "encoder-id")
+    output = tmp_path / "test.json"
+    inference.main(["--ckpt", str(tmp_path / "ck"), "--split", "test", "--sample", "24", "--output", str(output),
+                    "inference.constrained=true", "inference.top_k=2", "inference.max_new_tokens=4"])
+    rows = json.loads(output.read_text())
+    expected = {query.id: open_splits.tool_split(query) for query in open_splits.test_queries()}
+    assert {row["tool_split"] for row in rows} == {"seen", "unseen"}
+    assert all(row["tool_split"] == expected[row["question_id"]] for row in rows)
+    result = evaluate.main(["--ckpt", str(tmp_path / "ck"), "--predictions", str(output), "--output-dir", str(tmp_path / "eval")])
+    counts = Counter(row["tool_split"] for row in rows)
+    assert {g: s["n"] for g, s in result["metrics"]["by_tool_split"].items()} == counts
+    assert set(result["metrics"]["top_k_recall"]["by_tool_split"]) == {"seen", "unseen"}

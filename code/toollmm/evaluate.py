@@ -53,6 +53,9 @@ DEFINITIONS = """\
     `ambiguity != -1`; `unknown` when both are absent.
   - *one-to-one / one-to-multi*: the row's `onetomulti`; without it, one-to-multi when the
     question has more than one distinct acceptable tool.
+  - *tool seen / unseen* (only when the rows carry `tool_split`, written by inference.py when
+    `data.split.unseen_tools` > 0): `unseen` when every acceptable tool was held out of
+    training, else `seen`. recall@k is also reported per split and per split and modality.
   - `breakdown_sources` counts how many questions took the field and how many the derived
     value.
 - *recall@k* (when predictions carry `top_k`, a list of `{"tool", "score"}`): the fraction
@@ -75,7 +78,10 @@ BREAKDOWNS = {
     "by_ambiguity_flag": "ambiguity flag (ifambiguity)",
     "by_ambiguity_type": "ambiguity type",
     "by_onetomulti": "one-to-one vs one-to-multi",
+    "by_tool_split": "tool seen or unseen in training",
 }
+# Reported only when the references carry it (``data.split.unseen_tools`` > 0).
+OPTIONAL_BREAKDOWNS = ("by_tool_split",)
 UNKNOWN = "unknown"
 
 
@@ -118,6 +124,8 @@ class Reference:
     """-1 (none), a type id, or None when the data does not say (normalized on construction)."""
     ifambiguity: bool | None = None
     onetomulti: bool | None = None
+    tool_split: str | None = None
+    """``seen`` or ``unseen`` (every acceptable tool held out of training), None when the run held none out."""
 
     def __post_init__(self):
         try:
@@ -148,6 +156,7 @@ class Reference:
             "by_ambiguity_flag": flag,
             "by_ambiguity_type": (ambiguity_type, "field" if self.ambiguity is not None else UNKNOWN),
             "by_onetomulti": ("one-to-multi" if multi[0] else "one-to-one", multi[1]),
+            **({"by_tool_split": (self.tool_split, "field")} if self.tool_split is not None else {}),
         }
 
 
@@ -226,6 +235,8 @@ def _modality_sort_key(modality: str) -> tuple:
 def _group_sort_key(breakdown: str, group: str) -> tuple:
     if breakdown == "by_modality":
         return _modality_sort_key(group)
+    if breakdown == "by_tool_split":
+        return (0, ("seen", "unseen").index(group), "") if group in ("seen", "unseen") else (1, 0, group)
     if group == UNKNOWN:
         return (3, 0, "")
     if group in ("none", "false", "one-to-one"):
@@ -313,19 +324,30 @@ def recall_hits(tools: list[str] | None, reference: Reference, max_k: int) -> Co
 
 
 def recall_metrics(hits: dict[str, Counter], references: dict, max_k: int) -> dict:
-    """recall@1..max_k overall and per input modality, from each question's ``recall_hits``."""
+    """recall@1..max_k overall, per input modality and, when the references carry a tool split,
+    per split (``by_tool_split``) and per split and modality (``by_tool_split_modality``,
+    groups named ``unseen/image``), from each question's ``recall_hits``."""
     overall: Counter = Counter()
-    by_modality: dict[str, Counter] = {}
+    sections: dict[str, dict[str, Counter]] = {"by_modality": {}, "by_tool_split": {}, "by_tool_split_modality": {}}
     for question_id, reference in references.items():
         overall.update(hits[question_id])
-        by_modality.setdefault(reference.input_modality, Counter()).update(hits[question_id])
+        sections["by_modality"].setdefault(reference.input_modality, Counter()).update(hits[question_id])
+        if reference.tool_split is not None:
+            sections["by_tool_split"].setdefault(reference.tool_split, Counter()).update(hits[question_id])
+            sections["by_tool_split_modality"].setdefault(f"{reference.tool_split}/{reference.input_modality}",
+                                                          Counter()).update(hits[question_id])
 
     def rates(counts: Counter) -> dict:
         return {"n": counts["n"], "with_top_k": counts["with_top_k"],
                 **{f"recall@{k}": counts[f"recall@{k}"] / counts["n"] for k in range(1, max_k + 1)}}
 
+    def order(group: str) -> tuple:
+        split, _, modality = group.rpartition("/")
+        return (_group_sort_key("by_tool_split", split) if split else ()), _modality_sort_key(modality)
+
     return {"k": max_k, "overall": rates(overall),
-            "by_modality": {m: rates(by_modality[m]) for m in sorted(by_modality, key=_modality_sort_key)}}
+            **{name: {g: rates(groups[g]) for g in sorted(groups, key=order)}
+               for name, groups in sections.items() if groups or name == "by_modality"}}
 
 
 def evaluate_predictions(
@@ -350,6 +372,9 @@ def evaluate_predictions(
 
     overall: Counter = Counter()
     groups: dict[str, dict[str, Counter]] = {name: {} for name in BREAKDOWNS}
+    for name in OPTIONAL_BREAKDOWNS:
+        if all(reference.tool_split is None for reference in references.values()):
+            del groups[name]
     sources: dict[str, Counter] = {"ifambiguity": Counter(), "onetomulti": Counter()}
     by_rule = {rule: Counter() for rule in ANSWER_RULES}
     for question_id, reference in references.items():
@@ -423,9 +448,12 @@ def format_table(metrics: dict, baseline: dict | None = None, breakdown: str = "
     return "\n".join(lines) + "\n"
 
 
+RECALL_SECTIONS = ("by_modality", "by_tool_split", "by_tool_split_modality")
+
+
 def format_recall_table(metrics: dict) -> str | None:
-    """recall@1..K overall and per modality, one column group per run that has ``top_k``;
-    None when no run has it."""
+    """recall@1..K overall, per modality and per tool split (when known), one column group per
+    run that has ``top_k``; None when no run has it."""
     runs = {label: m["top_k_recall"] for label, m in _as_runs(metrics).items() if m.get("top_k_recall")}
     if not runs:
         return None
@@ -434,10 +462,12 @@ def format_recall_table(metrics: dict) -> str | None:
     for label, recall in runs.items():
         header += [f"recall@{k}{_suffix(label)}" for k in range(1, recall["k"] + 1)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in ["overall", *first["by_modality"]]:
-        cells = [name, str((first["overall"] if name == "overall" else first["by_modality"][name])["n"])]
+    for section, name in [("overall", "overall"), *((s, g) for s in RECALL_SECTIONS for g in first.get(s, {}))]:
+        def stats_of(recall: dict) -> dict | None:
+            return recall["overall"] if section == "overall" else recall.get(section, {}).get(name)
+        cells = [name, str(stats_of(first)["n"])]
         for recall in runs.values():
-            stats = recall["overall"] if name == "overall" else recall["by_modality"].get(name)
+            stats = stats_of(recall)
             cells += [f"{stats[f'recall@{k}']:.3f}" if stats else "-" for k in range(1, recall["k"] + 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -456,9 +486,23 @@ def _write_atomically(path: Path, data: str | bytes) -> None:
         raise
 
 
+def _plot_split_recall(ax, split_runs: dict) -> None:
+    """Bars of recall@1 and recall@K for seen and unseen tools, one bar per run."""
+    groups = [(split, k) for split in ("seen", "unseen") for k in sorted({1, max(r["k"] for r in split_runs.values())})]
+    width = 0.8 / len(split_runs)
+    for i, ((label, colour), recall) in enumerate(split_runs.items()):
+        values = [recall["by_tool_split"].get(split, {}).get(f"recall@{min(k, recall['k'])}", 0.0) for split, k in groups]
+        ax.bar([x + (i - (len(split_runs) - 1) / 2) * width for x in range(len(groups))], values, width,
+               label=label, color=colour)
+    ax.set_xticks(range(len(groups)), [f"{split}\nrecall@{k}" for split, k in groups])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("seen vs unseen tools")
+
+
 def render_chart(metrics: dict, title: str) -> bytes:
     """PNG: grouped bars of accuracy / hallucination rate / format accuracy, overall and per
-    modality, one bar per run; plus recall@k lines (overall) when any run has ``top_k``."""
+    modality, one bar per run; plus recall@k lines (overall) when any run has ``top_k``, and
+    seen vs unseen recall bars when the questions carry a tool split."""
     # The Figure API renders with Agg without touching pyplot's global backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -468,10 +512,12 @@ def render_chart(metrics: dict, title: str) -> bytes:
     # One colour per run in every panel.
     recall_runs = {(label or "predictions", f"C{i}"): m["top_k_recall"]
                    for i, (label, m) in enumerate(runs.items()) if m.get("top_k_recall")}
+    split_runs = {key: recall for key, recall in recall_runs.items() if recall.get("by_tool_split")}
     panels = [("accuracy", "accuracy"), ("hallucination_rate", "hallucination rate"), ("format_accuracy", "format accuracy")]
-    figure = Figure(figsize=(4.2 * (len(panels) + bool(recall_runs)), 4.0), dpi=100, layout="constrained")
+    extra = bool(recall_runs) + bool(split_runs)
+    figure = Figure(figsize=(4.2 * (len(panels) + extra), 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(panels) + bool(recall_runs), squeeze=False)[0]
+    axes = figure.subplots(1, len(panels) + extra, squeeze=False)[0]
     splits = ["overall", *next(iter(runs.values()))["by_modality"]]
     width = 0.8 / len(runs)
     for ax, (key, name) in zip(axes, panels):
@@ -483,8 +529,10 @@ def render_chart(metrics: dict, title: str) -> bytes:
         ax.set_ylim(0, 1.05)
         ax.set_title(name)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(runs))
+    if split_runs:
+        _plot_split_recall(axes[-1], split_runs)
     if recall_runs:
-        ax = axes[-1]
+        ax = axes[len(panels)]
         for (label, colour), recall in recall_runs.items():
             ks = list(range(1, recall["k"] + 1))
             ax.plot(ks, [recall["overall"][f"recall@{k}"] for k in ks], marker="o", label=label, color=colour)
@@ -526,6 +574,8 @@ def write_reports(
     if baseline is not None:
         report.append("Baseline: always answering the most frequent training tool.\n")
     for breakdown, name in list(BREAKDOWNS.items())[1:]:
+        if breakdown not in next(iter(runs.values())):
+            continue
         report += [f"## By {name}", "", format_table(runs if len(runs) > 1 else metrics, baseline, breakdown)]
     first = next(iter(runs.values()))
     sources = first["breakdown_sources"]

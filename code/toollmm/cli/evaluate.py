@@ -75,7 +75,7 @@ def references_from_predictions(files: dict[Path, list[dict]]) -> dict[str, Refe
             acceptable = [p["acceptable"]] if isinstance(p["acceptable"], str) else p["acceptable"]
             reference = Reference(p["question_id"], [name.strip() for name in acceptable],
                                   p.get("input_modality", "text"), p.get("ambiguity"),
-                                  p.get("ifambiguity"), p.get("onetomulti"))
+                                  p.get("ifambiguity"), p.get("onetomulti"), p.get("tool_split"))
             known = references.setdefault(reference.question_id, reference)
             if known != reference:
                 raise ValueError(f"{path}: question {reference.question_id!r} reads {reference} here but {known} in an "

@@ -57,7 +57,7 @@ from toollmm.config_help import keys_help
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.records import DataFileError, DataReport, Record
-from toollmm.data.split import group_queries
+from toollmm.data.split import group_queries, tool_split
 from toollmm.data.toolmmbench import read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
@@ -229,7 +229,9 @@ def answer_queries(args, device: torch.device) -> list[dict]:
     prompts = tokenize_queries(queries, assistant, config.data.max_tgt_len)
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     responses, ranked = assistant.answer_tools(prompts, features, settings.constrained, settings.top_k, show_progress=True)
-    return [query_row(q, response, ranked[i] if ranked is not None else None)
+    unseen = splits.unseen_tools if splits is not None and args.data is None else frozenset()
+    return [query_row(q, response, ranked[i] if ranked is not None else None,
+                      tool_split(q, unseen) if unseen else None)
             for i, (q, response) in enumerate(zip(queries, responses))]
 
 
@@ -276,8 +278,9 @@ def tokenize_queries(queries: list[Record], assistant: Assistant, max_tgt_len: i
     return [torch.tensor(e.input_ids) for e in examples]
 
 
-def query_row(record: Record, response: str, top_k: list[dict] | None) -> dict:
-    """One prediction row: the original's fields, the parsed tool and the data's breakdown fields."""
+def query_row(record: Record, response: str, top_k: list[dict] | None, split: str | None = None) -> dict:
+    """One prediction row: the original's fields, the parsed tool and the data's breakdown fields
+    (``tool_split``, seen or unseen, when the run held tools out of training)."""
     return {
         "question_id": record.id,
         "questions": record.query,
@@ -290,6 +293,7 @@ def query_row(record: Record, response: str, top_k: list[dict] | None) -> dict:
         "ifambiguity": record.ifambiguity,
         "onetomulti": record.onetomulti,
         **({"top_k": top_k} if top_k is not None else {}),
+        **({"tool_split": split} if split is not None else {}),
     }
 
 
