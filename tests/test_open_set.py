@@ -183,6 +183,28 @@ def test_text_baseline_on_the_bundled_split(tmp_path):
     assert report["catalogue_size"] == 926 and len(report["unseen_tools"]) == 185 and report["recall"] == recall
 
 
+def test_text_baseline_prediction_file_scores_the_same_in_the_evaluation(tmp_path):
+    """The baseline written as a prediction file: evaluate.py's seen/unseen recall equals the
+    baseline's own, so it can stand beside a model's files in one report."""
+    from toollmm.cli import evaluate
+
+    overrides = ["data.split.unseen_tools=0.2"]
+    recall = text_baseline(["--config", str(TINY_CONFIG), "--predictions", str(tmp_path / "tfidf.json"), *overrides])
+    rows = json.loads((tmp_path / "tfidf.json").read_text())
+    assert len(rows) == 490 and all(row["tool"] == row["top_k"][0]["tool"] and len(row["top_k"]) == 5 for row in rows)
+    config = load_config(3, [str(TINY_CONFIG)], [f"model.llm_path={TINY_LLM}", *overrides])
+    save_checkpoint(tmp_path / "ck", build_model(config.model, 1024).eval(), config, load_tokenizer(TINY_LLM),
+                    {"step": 1}, "encoder-id")
+    result = evaluate.main(["--ckpt", str(tmp_path / "ck"), "--predictions", str(tmp_path / "tfidf.json"),
+                            "--output-dir", str(tmp_path / "eval")])
+    by_split = result["metrics"]["top_k_recall"]["by_tool_split"]
+    for split in ("seen", "unseen"):
+        assert by_split[split]["n"] == recall[split]["queries"]
+        assert by_split[split]["recall@1"] == pytest.approx(recall[split]["recall@1"])
+        assert by_split[split]["recall@5"] == pytest.approx(recall[split]["recall@5"])
+    assert result["metrics"]["by_tool_split"]["unseen"]["accuracy"] == pytest.approx(recall["unseen"]["recall@1"])
+
+
 def test_text_baseline_reads_a_catalogue_file_and_refuses_a_bad_one(tmp_path):
     write_tool_entries(tmp_path / "tools.jsonl", [ToolEntry("only/tool")])
     recall = text_baseline(["--config", str(TINY_CONFIG), "--catalogue", str(tmp_path / "tools.jsonl")])

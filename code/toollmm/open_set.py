@@ -55,16 +55,30 @@ class TfidfIndex:
         norm = np.linalg.norm(vector)
         return vector / norm if norm else vector
 
+    def similarities(self, query: str) -> np.ndarray:
+        """Cosine similarity of ``query`` to every document."""
+        return self.matrix @ self._vector(Counter(words(query)))
+
     def rank(self, query: str, k: int) -> list[int]:
         """Indices of the ``k`` documents most similar to ``query``; equal scores keep document order."""
-        scores = self.matrix @ self._vector(Counter(words(query)))
-        return np.argsort(-scores, kind="stable")[:k].tolist()
+        return np.argsort(-self.similarities(query), kind="stable")[:k].tolist()
+
+
+def top_k_by_text(entries: Sequence[ToolEntry], queries: Iterable[str], k: int = max(RECALL_AT)) -> list[list[dict]]:
+    """The baseline: the ``k`` catalogue tools whose entry text is most similar to each query,
+    as ``{"tool", "score"}`` (cosine similarity) best first, the shape of inference's ``top_k``."""
+    index = TfidfIndex([entry_text(entry) for entry in entries])
+    ranked = []
+    for query in queries:
+        scores = index.similarities(query)
+        ranked.append([{"tool": entries[i].name, "score": float(scores[i])}
+                       for i in np.argsort(-scores, kind="stable")[:k]])
+    return ranked
 
 
 def rank_by_text(entries: Sequence[ToolEntry], queries: Iterable[str], k: int = max(RECALL_AT)) -> list[list[str]]:
-    """The baseline: the ``k`` catalogue tools whose entry text is most similar to each query."""
-    index = TfidfIndex([entry_text(entry) for entry in entries])
-    return [[entries[i].name for i in index.rank(query, k)] for query in queries]
+    """The baseline's tool names only (see ``top_k_by_text``)."""
+    return [[entry["tool"] for entry in ranked] for ranked in top_k_by_text(entries, queries, k)]
 
 
 def recall_by_group(rankings: Sequence[Sequence[str]], acceptable: Sequence[Iterable[str]],
