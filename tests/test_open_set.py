@@ -260,3 +260,16 @@ def test_split_inference_tags_seen_and_unseen_queries_and_evaluation_reports_the
     counts = Counter(row["tool_split"] for row in rows)
     assert {g: s["n"] for g, s in result["metrics"]["by_tool_split"].items()} == counts
     assert set(result["metrics"]["top_k_recall"]["by_tool_split"]) == {"seen", "unseen"}
+
+
+def test_closed_set_catalogue_is_the_trained_tools(open_splits, default_splits):
+    """``inference.catalogue_tools=trained``: the closed-set baseline's catalogue has no held-out tool."""
+    trained = open_splits.catalogue_of("trained")
+    assert trained == sorted({record.tools[0].strip() for record in training_records(open_splits.train)})
+    assert not set(trained) & open_splits.unseen_tools
+    # 926 tools, 185 held out, and 10 more named only by test requests.
+    assert len(trained) == 731 and set(trained) < set(open_splits.catalogue_of("all")) - open_splits.unseen_tools
+    assert open_splits.catalogue_of("all") == open_splits.catalogue
+    assert set(default_splits.catalogue_of("trained")) <= set(default_splits.catalogue)
+    with pytest.raises(ValueError, match="'seen' is not one of"):
+        open_splits.catalogue_of("seen")

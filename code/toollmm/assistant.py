@@ -249,7 +249,7 @@ class Assistant:
             if source is None:
                 from toollmm.data import load_splits  # the data files are read only when a catalogue is needed
 
-                names = load_splits(self.config.data).catalogue
+                names = load_splits(self.config.data).catalogue_of(self.settings.catalogue_tools)
             elif isinstance(source, (str, Path)):
                 names = load_catalogue(Path(source))
             else:

@@ -362,6 +362,8 @@ class InferenceConfig:
     """Decode only answers of the tool catalogue (never a malformed or invented tool)."""
     top_k: int = 1
     """K > 1 adds K distinct catalogue tools with their log-probability to each answer."""
+    catalogue_tools: Literal["all", "trained"] = "all"
+    """Catalogue from the data files: all their tools, or only those with a training row (the closed set)."""
     top_k_method: Literal["beam", "exact"] = "beam"
     """beam: beam search over the catalogue trie (fast, may miss a better tool); exact: score every answer."""
     num_beams: int | None = None

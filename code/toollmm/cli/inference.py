@@ -221,7 +221,7 @@ def answer_queries(args, device: torch.device) -> list[dict]:
     splits = load_splits(config.data) if args.data is None or (needs_catalogue and args.catalogue is None) else None
     if needs_catalogue:
         with checkpoint_errors():
-            assistant.set_catalogue(args.catalogue or splits.catalogue)
+            assistant.set_catalogue(args.catalogue or splits.catalogue_of(settings.catalogue_tools))
             trie = assistant.catalogue_trie()
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
     queries = pick_queries(args, config, splits, trie)

@@ -32,6 +32,15 @@ class Splits:
         step = max(1, len(queries) // limit) if limit else 1
         return queries[::step][:limit] if limit else []
 
+    def catalogue_of(self, tools: str) -> list[str]:
+        """``all``: the catalogue; ``trained``: its tools that answer a training row (without the
+        held-out tools: the closed set a model trained on this split knows)."""
+        if tools == "all":
+            return self.catalogue
+        if tools != "trained":
+            raise ValueError(f"catalogue tools {tools!r} is not one of ['all', 'trained']")
+        return sorted({tool.strip() for record in self.train for tool in record.tools})
+
     def tool_split(self, query: Record) -> str:
         """``seen`` or ``unseen``: whether the query's tools were held out of training."""
         return tool_split(query, self.unseen_tools)
