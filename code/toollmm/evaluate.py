@@ -80,8 +80,6 @@ BREAKDOWNS = {
     "by_onetomulti": "one-to-one vs one-to-multi",
     "by_tool_split": "tool seen or unseen in training",
 }
-# Reported only when the references carry it (``data.split.unseen_tools`` > 0).
-OPTIONAL_BREAKDOWNS = ("by_tool_split",)
 UNKNOWN = "unknown"
 
 
@@ -372,9 +370,6 @@ def evaluate_predictions(
 
     overall: Counter = Counter()
     groups: dict[str, dict[str, Counter]] = {name: {} for name in BREAKDOWNS}
-    for name in OPTIONAL_BREAKDOWNS:
-        if all(reference.tool_split is None for reference in references.values()):
-            del groups[name]
     sources: dict[str, Counter] = {"ifambiguity": Counter(), "onetomulti": Counter()}
     by_rule = {rule: Counter() for rule in ANSWER_RULES}
     for question_id, reference in references.items():
@@ -390,6 +385,8 @@ def evaluate_predictions(
 
     max_k = max((len(tools) for tools in answers.ranked.values()), default=0)
     hits = {qid: recall_hits(answers.ranked.get(qid), ref, max_k) for qid, ref in references.items()}
+    # by_tool_split stays empty unless the references carry a tool split: it is then left out.
+    groups = {breakdown: by_group for breakdown, by_group in groups.items() if by_group}
     return {
         "overall": _rates(overall),
         **{breakdown: {g: _rates(by_group[g]) for g in sorted(by_group, key=lambda g: _group_sort_key(breakdown, g))}

@@ -59,21 +59,21 @@ class TfidfIndex:
         """Cosine similarity of ``query`` to every document."""
         return self.matrix @ self._vector(Counter(words(query)))
 
+    def ranked(self, query: str, k: int) -> list[tuple[int, float]]:
+        """(index, similarity) of the ``k`` documents most similar to ``query``; equal scores keep document order."""
+        scores = self.similarities(query)
+        return [(int(i), float(scores[i])) for i in np.argsort(-scores, kind="stable")[:k]]
+
     def rank(self, query: str, k: int) -> list[int]:
-        """Indices of the ``k`` documents most similar to ``query``; equal scores keep document order."""
-        return np.argsort(-self.similarities(query), kind="stable")[:k].tolist()
+        """Indices of the ``k`` documents most similar to ``query`` (see ``ranked``)."""
+        return [i for i, _ in self.ranked(query, k)]
 
 
 def top_k_by_text(entries: Sequence[ToolEntry], queries: Iterable[str], k: int = max(RECALL_AT)) -> list[list[dict]]:
     """The baseline: the ``k`` catalogue tools whose entry text is most similar to each query,
     as ``{"tool", "score"}`` (cosine similarity) best first, the shape of inference's ``top_k``."""
     index = TfidfIndex([entry_text(entry) for entry in entries])
-    ranked = []
-    for query in queries:
-        scores = index.similarities(query)
-        ranked.append([{"tool": entries[i].name, "score": float(scores[i])}
-                       for i in np.argsort(-scores, kind="stable")[:k]])
-    return ranked
+    return [[{"tool": entries[i].name, "score": score} for i, score in index.ranked(query, k)] for query in queries]
 
 
 def rank_by_text(entries: Sequence[ToolEntry], queries: Iterable[str], k: int = max(RECALL_AT)) -> list[list[str]]:

@@ -57,7 +57,7 @@ from toollmm.config_help import keys_help
 from toollmm.data import Splits, load_splits
 from toollmm.data.dataset import record_feature
 from toollmm.data.records import DataFileError, DataReport, Record
-from toollmm.data.split import group_queries, tool_split
+from toollmm.data.split import group_queries
 from toollmm.data.toolmmbench import read_toolmmbench
 from toollmm.evaluate import normalize_ambiguity
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
@@ -229,9 +229,9 @@ def answer_queries(args, device: torch.device) -> list[dict]:
     prompts = tokenize_queries(queries, assistant, config.data.max_tgt_len)
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
     responses, ranked = assistant.answer_tools(prompts, features, settings.constrained, settings.top_k, show_progress=True)
-    unseen = splits.unseen_tools if splits is not None and args.data is None else frozenset()
+    in_split = args.data is None  # --data queries are not the split's: no seen/unseen tag
     return [query_row(q, response, ranked[i] if ranked is not None else None,
-                      tool_split(q, unseen) if unseen else None)
+                      splits.tool_split_tag(q) if in_split else None)
             for i, (q, response) in enumerate(zip(queries, responses))]
 
 

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.predictions:
         from toollmm.cli.inference import query_row, write_rows  # torch is imported only for this file
 
-        split = (lambda query: splits.tool_split(query)) if splits.unseen_tools else (lambda query: None)
-        write_rows([query_row(query, format_answer(top[0]["tool"]), top, split(query))
+        write_rows([query_row(query, format_answer(top[0]["tool"]), top, splits.tool_split_tag(query))
                     for query, top in zip(queries, ranked)], args.predictions)
     return recall
 

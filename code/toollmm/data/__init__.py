@@ -45,6 +45,11 @@ class Splits:
         """``seen`` or ``unseen``: whether the query's tools were held out of training."""
         return tool_split(query, self.unseen_tools)
 
+    def tool_split_tag(self, query: Record) -> str | None:
+        """The ``tool_split`` a prediction row carries: None when no tool is held out (the rows then
+        have no such field and the evaluation no seen/unseen rows)."""
+        return self.tool_split(query) if self.unseen_tools else None
+
 
 def load_splits(config: DataConfig) -> Splits:
     report = DataReport()
