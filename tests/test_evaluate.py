@@ -559,3 +559,15 @@ def test_tool_split_breakdown_and_recall(tmp_path):
     untagged = {q: Reference(q, r.acceptable, r.input_modality) for q, r in references.items()}
     plain = evaluate_predictions(predictions, untagged, {"a", "b", "c"})
     assert "by_tool_split" not in plain and "by_tool_split" not in plain["top_k_recall"]
+
+
+def test_ranked_tools_order_by_score_within_each_ranker():
+    """Open-set slots list the retriever's picks after the model's, with similarities that are
+    not log-probabilities: they stay after the model's entries, sorted among themselves."""
+    from toollmm.evaluate import ranked_tools
+
+    top_k = [{"tool": "b", "score": -3.0}, {"tool": "a", "score": -1.0},
+             {"tool": "new2", "score": 0.2, "ranked_by": "retriever"}, {"tool": "new1", "score": 0.7, "ranked_by": "retriever"},
+             {"tool": " a", "score": 0.9, "ranked_by": "retriever"}]
+    assert ranked_tools(top_k, "q") == ["a", "b", "new1", "new2"]
+    assert ranked_tools([{"tool": "x", "score": 1.0, "ranked_by": "retriever"}, {"tool": "y", "score": -2.0}], "q") == ["y", "x"]

@@ -15,7 +15,9 @@ projector's bias counted once per medium.)
 
 ``answer_tools`` is the one path of tool answers: free or constrained to the catalogue (the
 checkpoint's training data files, or ``catalogue=``), plus the top k tools by
-``inference.top_k_method``. ``mode="tool"`` answers through it, always constrained; split and data
+``inference.top_k_method``; with ``inference.open_set_slots`` N, the last N of them are the tool
+retriever's picks among catalogue tools outside the training rows (``toollmm.tool_retriever``).
+``mode="tool"`` answers through it, always constrained; split and data
 mode call it with ``inference.constrained``. ``mode="chat"`` generates freely. When a response holds a signal-token run (``[IMG0]..[IMG3]``)
 and the checkpoint has output projectors, one more forward over prompt + response reads the
 run's last-layer states (the states training aligned; generation's own are not kept),
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from toollmm.catalogue import AnswerTrie, load_catalogue
+from toollmm.catalogue import AnswerTrie, ToolEntry, read_tool_entries
 from toollmm.checkpoint import load_for_inference
 from toollmm.config import InferenceConfig, RunConfig, resolve_path
 from toollmm.data.records import MediaRef
@@ -61,7 +63,7 @@ class Reply:
     """The response, stop string cut and signal tokens removed."""
     tools: list[dict] = field(default_factory=list)
     """``[{"tool": name, "score": float}, ...]`` best first (tool mode, top_k > 1); with top_k 1 the
-    parsed tool with score None (or nothing)."""
+    parsed tool with score None (or nothing). Open-set slots add ``"ranked_by": "retriever"``."""
     tool: str | None = None
     """The parsed tool (tool mode), else None."""
     media: list[dict] = field(default_factory=list)
@@ -178,11 +180,12 @@ class Assistant:
     ``offload`` moves decoder submodules to the GPU only while they run (less memory, slower).
     ``steps``: diffusion steps per generated file. ``catalogue``: tool names (a list or a JSON
     file) for constrained and top-k answers, instead of the tools of the checkpoint's data files.
+    ``retriever``: the folder of the tool retriever for ``inference.open_set_slots`` (loaded on first use).
     """
 
     def __init__(self, model: ToolLMM, tokenizer: PromptTokenizer, config: RunConfig, *,
                  decoders: dict[str, str] | None = None, offload: bool = False, output_dir="outputs", steps: int = 25,
-                 catalogue: Sequence[str] | str | Path | None = None):
+                 catalogue: Sequence[str] | str | Path | None = None, retriever: str | Path | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
         self.decoder_paths = {m: Path(d) for m, d in (decoders or {}).items()}
@@ -191,7 +194,9 @@ class Assistant:
             raise ValueError(f"decoders for {sorted(unknown)}: the output modalities are {list(OUTPUT_MODALITIES)}")
         self.offload, self.output_dir, self.steps = offload, Path(output_dir), steps
         self._catalogue_source = catalogue
+        self._entries: list[ToolEntry] | None = None
         self._trie: AnswerTrie | None = None
+        self._retriever_dir, self._retriever = retriever, None
         self._encoder = None
         self._features: dict[tuple, torch.Tensor] = {}
         self._decoders: dict[str, MediaDecoder] = {}
@@ -211,6 +216,8 @@ class Assistant:
         ``model.dtype`` on CUDA, float32 on a CPU. ``options``: those of ``__init__``."""
         model, tokenizer, config, _ = load_for_inference(Path(ckpt_dir), device, dtype, overrides)
         set_media_limits(config.data.media_limits)
+        options.setdefault("retriever", resolve_path(config.inference.tool_retriever) if config.inference.tool_retriever
+                           else Path(ckpt_dir) / "tool_retriever")
         return cls(model, tokenizer, config, **options)
 
     @property
@@ -240,28 +247,65 @@ class Assistant:
     def set_catalogue(self, catalogue: Sequence[str] | str | Path | None) -> None:
         """Tool names (a list or a JSON file) for constrained and top-k answers; None: the tools
         of the checkpoint's data files."""
-        self._catalogue_source, self._trie = catalogue, None
+        self._catalogue_source, self._entries, self._trie = catalogue, None, None
 
-    def catalogue_trie(self) -> AnswerTrie:
-        """The catalogue's answer trie, built on first use; OSError or ValueError when it cannot be read."""
-        if self._trie is None:
+    def catalogue_entries(self) -> list[ToolEntry]:
+        """The catalogue's tool entries (a catalogue file's fields; names alone otherwise), read on
+        first use; OSError or ValueError when they cannot be read."""
+        if self._entries is None:
             source = self._catalogue_source
             if source is None:
                 from toollmm.data import load_splits  # the data files are read only when a catalogue is needed
 
                 names = load_splits(self.config.data).catalogue_of(self.settings.catalogue_tools)
             elif isinstance(source, (str, Path)):
-                names = load_catalogue(Path(source))
+                names = None
+                self._entries = read_tool_entries(Path(source))
             else:
-                names = sorted(set(source))
-            self._trie = AnswerTrie(self.tokenizer, names)
+                names = source
+            if names is not None:
+                self._entries = [ToolEntry(name=name) for name in sorted(set(names))]
+        return self._entries
+
+    def catalogue_trie(self) -> AnswerTrie:
+        """The catalogue's answer trie, built on first use; OSError or ValueError when it cannot be read."""
+        if self._trie is None:
+            self._trie = AnswerTrie(self.tokenizer, sorted(entry.name for entry in self.catalogue_entries()))
         return self._trie
 
+    def tool_retriever(self):
+        """The tool retriever of open-set slots, loaded on first use; FileNotFoundError names the folder."""
+        if self._retriever is None:
+            from toollmm.tool_retriever import ToolRetriever
+
+            if self._retriever_dir is None:
+                raise FileNotFoundError("inference.open_set_slots needs a tool retriever: set inference.tool_retriever")
+            self._retriever = ToolRetriever.load(Path(self._retriever_dir))
+        return self._retriever
+
+    def with_open_set_slots(self, ranked: list[list[dict]], texts: Sequence[str]) -> list[list[dict]]:
+        """The model's first ``top_k - N`` tools, then the retriever's best N catalogue tools that
+        the model never trained on (``inference.open_set_slots`` = N). The model keeps the first
+        place: a closed-set model puts no weight worth ranking on a new tool, and a fixed share of
+        places keeps its seen-tool ranking intact (measured in docs/open_set.md)."""
+        slots = self.settings.open_set_slots
+        retriever = self.tool_retriever()
+        picks = retriever.rank_new_tools(texts, self.catalogue_entries(), slots + len(ranked[0]) if ranked else slots)
+        merged = []
+        for model_top, new in zip(ranked, picks, strict=True):
+            keep = model_top[: len(model_top) - slots]
+            taken = {entry["tool"] for entry in keep}
+            extra = [{**entry, "ranked_by": "retriever"} for entry in new if entry["tool"] not in taken][:slots]
+            merged.append(keep + extra)
+        return merged
+
     def answer_tools(self, prompts: list[torch.Tensor], features: list[torch.Tensor | None], constrained: bool,
-                     top_k: int, show_progress: bool = False) -> tuple[list[str], list[list[dict]] | None]:
+                     top_k: int, show_progress: bool = False, texts: Sequence[str] | None = None
+                     ) -> tuple[list[str], list[list[dict]] | None]:
         """Tool answers for prompt token ids (media slots filled by ``features``): the responses
         (free, or catalogue answers when ``constrained``) and, with ``top_k`` > 1, the ``top_k``
-        most probable catalogue tools per prompt (``inference.top_k_method``), else None."""
+        most probable catalogue tools per prompt (``inference.top_k_method``), else None.
+        ``texts``: the requests' text, which open-set slots (``with_open_set_slots``) need."""
         settings = self.settings
         with self._lock:
             trie = self.catalogue_trie() if constrained or top_k > 1 else None
@@ -279,6 +323,11 @@ class Assistant:
             ranked = top_k_tools(self.model, self.tokenizer, prompts, features, trie, top_k, settings.top_k_method,
                                  show_progress, batch_size=settings.batch_size, num_beams=settings.num_beams)
             log.info("top-%d (%s) in %.1f s", top_k, settings.top_k_method, time.perf_counter() - start)
+            if settings.open_set_slots:
+                if texts is None or top_k <= settings.open_set_slots:
+                    raise ValueError(f"inference.open_set_slots={settings.open_set_slots} needs top_k above it (got "
+                                     f"{top_k}) and the requests' texts (texts=)")
+                ranked = self.with_open_set_slots(ranked, texts)
             return responses, ranked
 
     # ------------------------------------------------------------------ prompts
@@ -298,7 +347,7 @@ class Assistant:
         ids = [torch.tensor(build_example(self.tokenizer, p, e is not None, None, self.config.data.max_tgt_len).input_ids)
                for p, e in zip(prompts, slot_features)]
         if mode == "tool":
-            replies = self._tools(ids, slot_features, top_k, warnings)
+            replies = self._tools(ids, slot_features, top_k, warnings, prompts)
             if on_text is not None:
                 on_text(replies[0].text)
             return replies
@@ -338,7 +387,7 @@ class Assistant:
 
     # ------------------------------------------------------------------ tool mode
 
-    def _tools(self, ids, slot_features, top_k, warnings) -> list[Reply]:
+    def _tools(self, ids, slot_features, top_k, warnings, texts) -> list[Reply]:
         """Catalogue answers (free generation, with a warning, when there is no catalogue)."""
         constrained = True
         try:
@@ -347,7 +396,7 @@ class Assistant:
             for notes in warnings:
                 notes.append(f"no tool catalogue ({err}); the answer is free generation, pass catalogue= to constrain it")
             constrained, top_k = False, 1
-        responses, ranked = self.answer_tools(ids, slot_features, constrained, top_k)
+        responses, ranked = self.answer_tools(ids, slot_features, constrained, top_k, texts=texts)
         replies = []
         for i, response in enumerate(responses):
             tool = parse_answer(response)

@@ -378,6 +378,10 @@ class InferenceConfig:
     """KV cache of generation: static (preallocated, written in place) or dynamic (grows, copied every step)."""
     compile: bool = False
     """With cache static on CUDA, compile the decoding step (CUDA graphs): faster steps after a compile."""
+    open_set_slots: int = 0
+    """The last N of the top_k tools go to catalogue tools the model never trained on, by the tool retriever."""
+    tool_retriever: str = ""
+    """Folder of the tool retriever (train_retriever.py) for open_set_slots; empty: <checkpoint>/tool_retriever."""
 
 
 @dataclass
@@ -589,6 +593,10 @@ def validate_inference(settings: InferenceConfig) -> None:
     if settings.num_beams is not None and settings.num_beams < settings.top_k:
         raise ConfigError(f"inference.num_beams={settings.num_beams} cannot return {settings.top_k} tools: "
                           f"set inference.num_beams={settings.top_k} or more")
+    if settings.open_set_slots and not 0 < settings.open_set_slots < settings.top_k:
+        raise ConfigError(f"inference.open_set_slots={settings.open_set_slots} must be between 1 and inference.top_k - 1 "
+                          f"(top_k is {settings.top_k}; the first tool is always the model's): raise inference.top_k or "
+                          "lower the slots")
 
 
 INFERENCE_OVERRIDES = ("inference.", "model.llm_path")

@@ -61,7 +61,9 @@ DEFINITIONS = """\
 - *recall@k* (when predictions carry `top_k`, a list of `{"tool", "score"}`): the fraction
   of the n questions with at least one acceptable tool among the first k distinct tools of
   `top_k`. Entries are ordered by `score`, highest first, with a stable sort (equal scores
-  keep the order in the file); a tool listed twice (after stripping whitespace) keeps its
+  keep the order in the file), within each ranker: entries with `"ranked_by"` (open-set slots'
+  `retriever`, whose score is a similarity, not a log-probability) follow the model's entries
+  in the order the file lists the rankers; a tool listed twice (after stripping whitespace) keeps its
   first place and counts once. A question without `top_k` or without a prediction is not
   recalled (`with_top_k` counts those that have one). K is the most distinct tools any
   question lists; a shorter list is used whole. recall@1 scores the first `top_k` entry,
@@ -248,18 +250,18 @@ def _group_sort_key(breakdown: str, group: str) -> tuple:
 
 
 def ranked_tools(top_k, question_id) -> list[str]:
-    """Distinct tool names of a ``top_k`` list, best score first (see ``DEFINITIONS``)."""
+    """Distinct tool names of a ``top_k`` list, best score first within each ranker (see ``DEFINITIONS``)."""
     if not isinstance(top_k, list):
         raise ValueError(f"question {question_id!r}: top_k must be a list, got {type(top_k).__name__}")
-    entries = []
+    entries, rankers = [], {"model": 0}
     for entry in top_k:
         if not (isinstance(entry, dict) and isinstance(entry.get("tool"), str)
                 and isinstance(entry.get("score"), (int, float)) and not math.isnan(entry["score"])):
             raise ValueError(f"question {question_id!r}: top_k entries must be {{'tool': str, 'score': number}}, "
                              f"got {entry!r}")
-        entries.append((entry["tool"].strip(), entry["score"]))
-    entries.sort(key=lambda e: -e[1])  # stable: ties keep the file's order
-    return list(dict.fromkeys(tool for tool, _ in entries))
+        entries.append((rankers.setdefault(entry.get("ranked_by", "model"), len(rankers)), -entry["score"], entry["tool"].strip()))
+    entries.sort(key=lambda e: e[:2])  # stable: ties keep the file's order
+    return list(dict.fromkeys(tool for _, _, tool in entries))
 
 
 def score(predicted: dict, question_id, reference, catalogue: set[str]) -> Counter:

@@ -17,6 +17,8 @@ log p(answer | prompt), summed over the answer's tokens, best first (``inference
 beam or exact); ``tool`` stays the generated answer (greedy is not always the most probable
 answer). Constrained responses are written as ``format_answer(tool)``, exactly the tokens that
 were decoded.
+``inference.open_set_slots=N`` gives the last N places of ``top_k`` to catalogue tools the model
+never trained on, ranked by the tool retriever (``train_retriever.py``; docs/open_set.md).
 
 Split/data mode writes a JSON list with the original's fields (``question_id``, ``questions``,
 ``response``) plus ``tool`` (the parsed name, null when the answer is malformed),
@@ -223,12 +225,15 @@ def answer_queries(args, device: torch.device) -> list[dict]:
         with checkpoint_errors():
             assistant.set_catalogue(args.catalogue or splits.catalogue_of(settings.catalogue_tools))
             trie = assistant.catalogue_trie()
+            if settings.open_set_slots:
+                assistant.tool_retriever()  # a missing retriever stops the run before any decoding
         log.info("catalogue: %d tools, answers of %d-%d tokens", len(trie), min(map(len, trie.sequences)), trie.max_length)
     queries = pick_queries(args, config, splits, trie)
     queries, features = featurize_queries(queries, config, device)
     prompts = tokenize_queries(queries, assistant, config.data.max_tgt_len)
     log.info("%d queries read, featurized and tokenized in %.1f s", len(queries), time.perf_counter() - start)
-    responses, ranked = assistant.answer_tools(prompts, features, settings.constrained, settings.top_k, show_progress=True)
+    responses, ranked = assistant.answer_tools(prompts, features, settings.constrained, settings.top_k, show_progress=True,
+                                               texts=[q.query for q in queries])
     in_split = args.data is None  # --data queries are not the split's: no seen/unseen tag
     return [query_row(q, response, ranked[i] if ranked is not None else None,
                       splits.tool_split_tag(q) if in_split else None)

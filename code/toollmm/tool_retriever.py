@@ -1,0 +1,205 @@
+"""A learned query ↔ tool-entry retriever for open-set tool selection.
+
+A tool the LLM never trained on gets no probability worth ranking from it (docs/open_set.md), and
+its catalogue entry may hold nothing but its name. The retriever maps both sides into one space:
+a request through its words and word pairs, a catalogue entry through the words and character
+4-grams of its name (plus task, description and tags when the entry has them). Trained
+contrastively on the seen tools (InfoNCE over every trained tool), it scores a new entry from
+its text alone, so adding a tool needs no retraining. Character 4-grams carry what names share
+across tools (``wav2vec2``, ``whisper``, ``-ks``, ``sentiment``): that is what lets a request
+reach a name the training rows never showed.
+
+Training takes seconds on a CPU (``python code/train_retriever.py --ckpt DIR``); inference uses
+it through ``inference.open_set_slots`` (``Assistant``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from toollmm.catalogue import ToolEntry
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, META = "tool_retriever.safetensors", "tool_retriever.json"
+FORMAT = 1
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def query_features(text: str) -> list[str]:
+    """A request's features: its words and adjacent word pairs."""
+    words = _words(text)
+    return [f"w:{w}" for w in words] + [f"p:{a}_{b}" for a, b in zip(words, words[1:])]
+
+
+def entry_features(entry: ToolEntry) -> list[str]:
+    """A catalogue entry's features: the words of its name, task, description and tags, and the
+    character 4-grams of each name word (``<wav2vec2>`` gives ``<wav``, ``wav2``, ...). Example
+    requests are left out: a new tool has none, and a retriever that leaned on them would rank
+    new tools below trained ones for a reason unrelated to the request."""
+    name_words = _words(entry.name)
+    grams = [f"c:{w[i:i + 4]}" for word in name_words for w in [f"<{word}>"] for i in range(max(1, len(w) - 3))]
+    text = " ".join([entry.task, entry.description, *entry.tags])
+    return [f"n:{w}" for w in name_words] + grams + [f"t:{w}" for w in _words(text)]
+
+
+@dataclass
+class RetrieverSettings:
+    dim: int = 64
+    epochs: int = 15
+    """Tiny default's split at 20% held out: 15 epochs reached unseen tools best of 15-120 (docs/open_set.md)."""
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    min_count: int = 2
+    """Request features seen in fewer training requests are dropped: too rare to learn. Every
+    feature of a trained tool's entry is kept (a name is one entry: most of its features are its own)."""
+    seed: int = 0
+
+
+class ToolRetriever(nn.Module):
+    """Two bags of learned feature vectors (one per side), mean-pooled with 1/sqrt(n) weights and
+    L2-normalised; the score of a (request, entry) pair is their cosine similarity."""
+
+    def __init__(self, query_vocab: Sequence[str], entry_vocab: Sequence[str], dim: int, temperature: float,
+                 trained_tools: Sequence[str]):
+        super().__init__()
+        self.query_vocab = {f: i for i, f in enumerate(query_vocab)}
+        self.entry_vocab = {f: i for i, f in enumerate(entry_vocab)}
+        self.temperature = temperature
+        self.trained_tools = frozenset(trained_tools)
+        """The tools of the training rows: the LLM's closed set, which open-set slots leave out."""
+        self.query_bag = nn.EmbeddingBag(len(query_vocab), dim, mode="sum")
+        self.entry_bag = nn.EmbeddingBag(len(entry_vocab), dim, mode="sum")
+
+    @staticmethod
+    def _ids(vocab: dict[str, int], features: Sequence[list[str]]) -> list[list[int]]:
+        return [sorted({vocab[f] for f in items if f in vocab}) for items in features]
+
+    @staticmethod
+    def _pool(bag: nn.EmbeddingBag, ids: Sequence[list[int]]) -> torch.Tensor:
+        offsets = torch.tensor([0, *torch.tensor([len(i) for i in ids]).cumsum(0).tolist()[:-1]])
+        flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
+        weights = torch.tensor([len(row) ** -0.5 for row in ids for _ in row])
+        return F.normalize(bag(flat, offsets, per_sample_weights=weights), dim=-1)
+
+    def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._pool(self.query_bag, self._ids(self.query_vocab, [query_features(t) for t in texts]))
+
+    def encode_entries(self, entries: Sequence[ToolEntry]) -> torch.Tensor:
+        return self._pool(self.entry_bag, self._ids(self.entry_vocab, [entry_features(e) for e in entries]))
+
+    @torch.no_grad()
+    def scores(self, texts: Sequence[str], entries: Sequence[ToolEntry]) -> torch.Tensor:
+        """(requests × entries) cosine similarities."""
+        return self.encode_queries(texts) @ self.encode_entries(entries).T
+
+    def rank_new_tools(self, texts: Sequence[str], entries: Sequence[ToolEntry], k: int) -> list[list[dict]]:
+        """Per request, the ``k`` best catalogue tools outside ``trained_tools`` as ``{"tool", "score"}``."""
+        new = [e for e in entries if e.name not in self.trained_tools]
+        if not new or k < 1:
+            return [[] for _ in texts]
+        scores = self.scores(texts, new)
+        top = scores.topk(min(k, len(new)), dim=1)
+        return [[{"tool": new[j].name, "score": float(s)} for s, j in zip(row_s.tolist(), row_j.tolist())]
+                for row_s, row_j in zip(top.values, top.indices)]
+
+    def save(self, folder: Path) -> Path:
+        """``tool_retriever.safetensors`` and ``tool_retriever.json`` (vocabularies, settings) in ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS)
+        meta = {"format": FORMAT, "dim": self.query_bag.embedding_dim, "temperature": self.temperature,
+                "query_vocab": list(self.query_vocab), "entry_vocab": list(self.entry_vocab),
+                "trained_tools": sorted(self.trained_tools)}
+        (folder / META).write_text(json.dumps(meta) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> ToolRetriever:
+        folder = Path(folder)
+        missing = [name for name in (WEIGHTS, META) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} holds no tool retriever (missing {', '.join(missing)}); "
+                                    f"train one with: python code/train_retriever.py --ckpt CKPT")
+        meta = json.loads((folder / META).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder / META}: format {meta.get('format')!r}, this code reads {FORMAT}; retrain it")
+        retriever = cls(meta["query_vocab"], meta["entry_vocab"], meta["dim"], meta["temperature"], meta["trained_tools"])
+        retriever.load_state_dict(load_file(folder / WEIGHTS))
+        return retriever.eval()
+
+
+def _vocabulary(feature_lists: Sequence[list[str]], min_count: int) -> list[str]:
+    counts: dict[str, int] = defaultdict(int)
+    for items in feature_lists:
+        for f in set(items):
+            counts[f] += 1
+    return sorted(f for f, c in counts.items() if c >= min_count)
+
+
+def train_retriever(records: Sequence, entries: Sequence[ToolEntry], settings: RetrieverSettings = RetrieverSettings()
+                    ) -> ToolRetriever:
+    """Fit on training records (``query``, ``tools``, ``request_key``): each (request, tool) pair is a
+    positive; every other trained tool is a negative, except the request's other acceptable tools
+    (ToolMMBench requests often accept several). ``entries``: the catalogue entries of the trained
+    tools (others are ignored)."""
+    by_name = {e.name: e for e in entries}
+    trained = sorted({t.strip() for r in records for t in r.tools})
+    missing = [t for t in trained if t not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} trained tools have no catalogue entry (e.g. {missing[0]!r})")
+    accepted: dict[tuple, set[int]] = defaultdict(set)
+    index = {t: i for i, t in enumerate(trained)}
+    pairs = []
+    for r in records:
+        for t in r.tools:
+            accepted[r.request_key].add(index[t.strip()])
+            pairs.append((r.query, index[t.strip()], r.request_key))
+    tool_entries = [by_name[t] for t in trained]
+    query_vocab = _vocabulary([query_features(q) for q, _, _ in pairs], settings.min_count)
+    entry_vocab = _vocabulary([entry_features(e) for e in tool_entries], 1)
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    model = ToolRetriever(query_vocab, entry_vocab, settings.dim, settings.temperature, trained)
+    # Small initial vectors (a linear layer's default scale over the vocabulary): rare features
+    # then add little noise to a vector until training moves them.
+    for bag in (model.query_bag, model.entry_bag):
+        bound = bag.num_embeddings ** -0.5
+        nn.init.uniform_(bag.weight, -bound, bound, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    targets = torch.tensor([t for _, t, _ in pairs])
+    others = torch.zeros(len(pairs), len(trained), dtype=torch.bool)
+    for row, (_, t, key) in enumerate(pairs):
+        others[row, list(accepted[key] - {t})] = True
+    query_ids = model._ids(model.query_vocab, [query_features(q) for q, _, _ in pairs])
+    entry_ids = model._ids(model.entry_vocab, [entry_features(e) for e in tool_entries])
+    for epoch in range(settings.epochs):
+        total = 0.0
+        for batch in torch.randperm(len(pairs), generator=generator).split(settings.batch_size):
+            queries = model._pool(model.query_bag, [query_ids[i] for i in batch])
+            tools = model._pool(model.entry_bag, entry_ids)
+            logits = (queries @ tools.T / settings.temperature).masked_fill(others[batch], float("-inf"))
+            loss = F.cross_entropy(logits, targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        if epoch == 0 or (epoch + 1) % 10 == 0:
+            log.info("retriever epoch %d: loss %.3f", epoch + 1, total / len(pairs))
+    return model.eval()
