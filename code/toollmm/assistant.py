@@ -254,17 +254,14 @@ class Assistant:
         first use; OSError or ValueError when they cannot be read."""
         if self._entries is None:
             source = self._catalogue_source
+            if isinstance(source, (str, Path)):
+                self._entries = read_tool_entries(Path(source))
+                return self._entries
             if source is None:
                 from toollmm.data import load_splits  # the data files are read only when a catalogue is needed
 
-                names = load_splits(self.config.data).catalogue_of(self.settings.catalogue_tools)
-            elif isinstance(source, (str, Path)):
-                names = None
-                self._entries = read_tool_entries(Path(source))
-            else:
-                names = source
-            if names is not None:
-                self._entries = [ToolEntry(name=name) for name in sorted(set(names))]
+                source = load_splits(self.config.data).catalogue_of(self.settings.catalogue_tools)
+            self._entries = [ToolEntry(name=name) for name in sorted(set(source))]
         return self._entries
 
     def catalogue_trie(self) -> AnswerTrie:
@@ -289,8 +286,9 @@ class Assistant:
         place: a closed-set model puts no weight worth ranking on a new tool, and a fixed share of
         places keeps its seen-tool ranking intact (measured in docs/open_set.md)."""
         slots = self.settings.open_set_slots
-        retriever = self.tool_retriever()
-        picks = retriever.rank_new_tools(texts, self.catalogue_entries(), slots + len(ranked[0]) if ranked else slots)
+        # As many new tools as the model lists: enough to fill the slots after dropping those it already has.
+        depth = max((len(top) for top in ranked), default=0)
+        picks = self.tool_retriever().rank_new_tools(texts, self.catalogue_entries(), depth)
         merged = []
         for model_top, new in zip(ranked, picks, strict=True):
             keep = model_top[: len(model_top) - slots]
