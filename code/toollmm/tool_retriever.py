@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from toollmm.catalogue import ToolEntry
+from toollmm.open_set import words
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,10 @@ WEIGHTS, META = "tool_retriever.safetensors", "tool_retriever.json"
 FORMAT = 1
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def query_features(text: str) -> list[str]:
     """A request's features: its words and adjacent word pairs."""
-    words = _words(text)
-    return [f"w:{w}" for w in words] + [f"p:{a}_{b}" for a, b in zip(words, words[1:])]
+    tokens = words(text)
+    return [f"w:{w}" for w in tokens] + [f"p:{a}_{b}" for a, b in zip(tokens, tokens[1:])]
 
 
 def entry_features(entry: ToolEntry) -> list[str]:
@@ -51,10 +47,10 @@ def entry_features(entry: ToolEntry) -> list[str]:
     character 4-grams of each name word (``<wav2vec2>`` gives ``<wav``, ``wav2``, ...). Example
     requests are left out: a new tool has none, and a retriever that leaned on them would rank
     new tools below trained ones for a reason unrelated to the request."""
-    name_words = _words(entry.name)
+    name_words = words(entry.name)
     grams = [f"c:{w[i:i + 4]}" for word in name_words for w in [f"<{word}>"] for i in range(max(1, len(w) - 3))]
     text = " ".join([entry.task, entry.description, *entry.tags])
-    return [f"n:{w}" for w in name_words] + grams + [f"t:{w}" for w in _words(text)]
+    return [f"n:{w}" for w in name_words] + grams + [f"t:{w}" for w in words(text)]
 
 
 @dataclass
@@ -153,12 +149,13 @@ def _vocabulary(feature_lists: Sequence[list[str]], min_count: int) -> list[str]
     return sorted(f for f, c in counts.items() if c >= min_count)
 
 
-def train_retriever(records: Sequence, entries: Sequence[ToolEntry], settings: RetrieverSettings = RetrieverSettings()
+def train_retriever(records: Sequence, entries: Sequence[ToolEntry], settings: RetrieverSettings | None = None
                     ) -> ToolRetriever:
     """Fit on training records (``query``, ``tools``, ``request_key``): each (request, tool) pair is a
     positive; every other trained tool is a negative, except the request's other acceptable tools
     (ToolMMBench requests often accept several). ``entries``: the catalogue entries of the trained
     tools (others are ignored)."""
+    settings = settings or RetrieverSettings()
     by_name = {e.name: e for e in entries}
     trained = sorted({t.strip() for r in records for t in r.tools})
     missing = [t for t in trained if t not in by_name]
@@ -172,10 +169,11 @@ def train_retriever(records: Sequence, entries: Sequence[ToolEntry], settings: R
             accepted[r.request_key].add(index[t.strip()])
             pairs.append((r.query, index[t.strip()], r.request_key))
     tool_entries = [by_name[t] for t in trained]
-    query_vocab = _vocabulary([query_features(q) for q, _, _ in pairs], settings.min_count)
-    entry_vocab = _vocabulary([entry_features(e) for e in tool_entries], 1)
-    generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    query_feats = [query_features(q) for q, _, _ in pairs]
+    entry_feats = [entry_features(e) for e in tool_entries]
+    query_vocab = _vocabulary(query_feats, settings.min_count)
+    entry_vocab = _vocabulary(entry_feats, 1)
+    generator = torch.Generator().manual_seed(settings.seed)  # the run's own: the global RNG stays untouched
     model = ToolRetriever(query_vocab, entry_vocab, settings.dim, settings.temperature, trained)
     # Small initial vectors (a linear layer's default scale over the vocabulary): rare features
     # then add little noise to a vector until training moves them.
@@ -187,8 +185,8 @@ def train_retriever(records: Sequence, entries: Sequence[ToolEntry], settings: R
     others = torch.zeros(len(pairs), len(trained), dtype=torch.bool)
     for row, (_, t, key) in enumerate(pairs):
         others[row, list(accepted[key] - {t})] = True
-    query_ids = model._ids(model.query_vocab, [query_features(q) for q, _, _ in pairs])
-    entry_ids = model._ids(model.entry_vocab, [entry_features(e) for e in tool_entries])
+    query_ids = model._ids(model.query_vocab, query_feats)
+    entry_ids = model._ids(model.entry_vocab, entry_feats)
     for epoch in range(settings.epochs):
         total = 0.0
         for batch in torch.randperm(len(pairs), generator=generator).split(settings.batch_size):
