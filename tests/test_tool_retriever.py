@@ -55,6 +55,13 @@ def test_retriever_learns_from_trained_tools_only_and_round_trips(open_splits, r
     assert loaded.trained_tools == retriever.trained_tools
     with pytest.raises(FileNotFoundError, match=r"holds no tool retriever .*train_retriever.py --ckpt"):
         ToolRetriever.load(tmp_path / "absent")
+    weights = (tmp_path / "r" / "tool_retriever.safetensors").read_bytes()
+    (tmp_path / "r" / "tool_retriever.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"tool_retriever.safetensors is truncated, corrupt .*retrain it"):
+        ToolRetriever.load(tmp_path / "r")
+    (tmp_path / "r" / "tool_retriever.json").write_text('{"format": 1, "dim": 64')
+    with pytest.raises(ValueError, match=r"tool_retriever.json is not a readable tool retriever \(JSONDecodeError"):
+        ToolRetriever.load(tmp_path / "r")
 
 
 def test_retriever_reaches_held_out_tools_where_text_matching_does_not(open_splits, retriever):

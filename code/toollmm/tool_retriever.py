@@ -133,11 +133,19 @@ class ToolRetriever(nn.Module):
         if missing:
             raise FileNotFoundError(f"{folder} holds no tool retriever (missing {', '.join(missing)}); "
                                     f"train one with: python code/train_retriever.py --ckpt CKPT")
-        meta = json.loads((folder / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder / META}: format {meta.get('format')!r}, this code reads {FORMAT}; retrain it")
-        retriever = cls(meta["query_vocab"], meta["entry_vocab"], meta["dim"], meta["temperature"], meta["trained_tools"])
-        retriever.load_state_dict(load_file(folder / WEIGHTS))
+        retrain = "retrain it with: python code/train_retriever.py --ckpt CKPT"
+        try:
+            meta = json.loads((folder / META).read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, this code reads {FORMAT}")
+            retriever = cls(meta["query_vocab"], meta["entry_vocab"], meta["dim"], meta["temperature"], meta["trained_tools"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{folder / META} is not a readable tool retriever ({type(err).__name__}: {err}); {retrain}") from None
+        try:
+            retriever.load_state_dict(load_file(folder / WEIGHTS))
+        except Exception as err:  # safetensors reports a cut file as a header or buffer error
+            raise ValueError(f"{folder / WEIGHTS} is truncated, corrupt or of another retriever "
+                             f"({type(err).__name__}: {err}); {retrain}") from None
         return retriever.eval()
 
 
