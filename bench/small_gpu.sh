@@ -37,15 +37,7 @@ source bench/device_env.sh
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
 phase "build tiny ImageBind and the small default"
-python3 -m toollmm.tiny
-if ! python3 -c "import sys; from pathlib import Path; from toollmm.small import LLM_DIR, is_built; sys.exit(not is_built(Path(LLM_DIR)))"; then
-  gguf=${GGUF:-}
-  if [ -z "$gguf" ]; then
-    gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat build/gguf_parts/part_* > "$gguf"
-  fi
-  python3 -m toollmm.small --gguf "$gguf"
-fi
+source bench/small_build.sh
 
 run=/tmp/small_runs/$variant
 phase "train: $variant (${extra[*]:-small.yaml as is} $*)"
