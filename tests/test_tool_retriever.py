@@ -16,13 +16,17 @@ from toollmm.data import load_splits
 from toollmm.model.toollmm import build_model
 from toollmm.open_set import query_groups, rank_by_text, recall_by_group
 from toollmm.tokenization import load_tokenizer
-from toollmm.tool_retriever import ToolRetriever, entry_features, query_features, train_retriever
+from toollmm.tool_retriever import RetrieverSettings, ToolRetriever, entry_features, query_features, train_retriever
 
 OPEN = ["data.split.unseen_tools=0.2"]
 
 
 def test_features_of_a_request_and_an_entry():
-    assert query_features("Which command, please?") == ["w:which", "w:command", "w:please", "p:which_command", "p:command_please"]
+    assert query_features("Which command, please?") == [
+        "w:which", "w:command", "w:please", "p:which_command", "p:command_please",
+        "q:<whi", "q:whic", "q:hich", "q:ich>",
+        "q:<com", "q:comm", "q:omma", "q:mman", "q:mand", "q:and>",
+        "q:<ple", "q:plea", "q:leas", "q:ease", "q:ase>"]
     entry = ToolEntry("superb/hubert-ks", task="Keyword spotting", tags=("audio",), examples=("never used",))
     assert entry_features(entry) == [
         "n:superb", "n:hubert", "n:ks",
@@ -39,7 +43,17 @@ def open_splits():
 
 @pytest.fixture(scope="module")
 def retriever(open_splits):
-    return train_retriever(open_splits.train, [ToolEntry(n) for n in open_splits.catalogue])
+    # 2 members, not the default 5: the member path at under half the training time.
+    return train_retriever(open_splits.train, [ToolEntry(n) for n in open_splits.catalogue], RetrieverSettings(members=2))
+
+
+def test_a_score_is_the_mean_of_the_members_cosines(retriever):
+    texts, entries = ["transcribe this speech", "draw a cat"], [ToolEntry("openai/whisper-base"), ToolEntry("acme/new-tool")]
+    queries, tools = retriever.encode_queries(texts), retriever.encode_entries(entries)
+    assert queries.shape == (2, 2, 64) and torch.allclose(queries.norm(dim=-1), torch.ones(2, 2))
+    per_member = [[[float(queries[q, m] @ tools[e, m]) for e in range(2)] for q in range(2)] for m in range(2)]
+    assert torch.allclose(retriever.scores(texts, entries), torch.tensor(per_member).mean(0), atol=1e-6)
+    assert not torch.allclose(torch.tensor(per_member[0]), torch.tensor(per_member[1]))  # initialised apart
 
 
 def test_retriever_learns_from_trained_tools_only_and_round_trips(open_splits, retriever, tmp_path):
@@ -59,7 +73,11 @@ def test_retriever_learns_from_trained_tools_only_and_round_trips(open_splits, r
     (tmp_path / "r" / "tool_retriever.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"tool_retriever.safetensors is truncated, corrupt .*retrain it"):
         ToolRetriever.load(tmp_path / "r")
-    (tmp_path / "r" / "tool_retriever.json").write_text('{"format": 1, "dim": 64')
+    meta = json.loads((tmp_path / "r" / "tool_retriever.json").read_text())
+    (tmp_path / "r" / "tool_retriever.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ValueError, match=r"not a readable tool retriever \(ValueError: format 1, this code reads 2\); retrain"):
+        ToolRetriever.load(tmp_path / "r")
+    (tmp_path / "r" / "tool_retriever.json").write_text('{"format": 2, "dim": 64')
     with pytest.raises(ValueError, match=r"tool_retriever.json is not a readable tool retriever \(JSONDecodeError"):
         ToolRetriever.load(tmp_path / "r")
 
@@ -122,7 +140,7 @@ def test_train_retriever_cli_writes_beside_the_checkpoint_and_reports_recall(tmp
     config = load_config(3, [str(TINY_CONFIG)], [f"model.llm_path={TINY_LLM}", "model.dtype=fp32", *OPEN])
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ck", build_model(config.model, 1024).eval(), config, load_tokenizer(TINY_LLM), {"step": 1}, "e")
-    output = train_retriever_cli(["--ckpt", str(tmp_path / "ck"), "--epochs", "2"])
+    output = train_retriever_cli(["--ckpt", str(tmp_path / "ck"), "--epochs", "2", "--members", "1"])
     assert output == tmp_path / "ck" / "tool_retriever"
     recall = json.loads((output / "test_recall.json").read_text())
     assert recall["unseen"]["queries"] == 114 and recall["seen"]["queries"] == 376
