@@ -54,6 +54,9 @@ def test_a_score_is_the_mean_of_the_members_cosines(retriever):
     per_member = [[[float(queries[q, m] @ tools[e, m]) for e in range(2)] for q in range(2)] for m in range(2)]
     assert torch.allclose(retriever.scores(texts, entries), torch.tensor(per_member).mean(0), atol=1e-6)
     assert not torch.allclose(torch.tensor(per_member[0]), torch.tensor(per_member[1]))  # initialised apart
+    # A name and a request with no feature the retriever knows score 0 with everything, not an error.
+    unknown = retriever.scores(["transcribe this speech", "ʘʘ"], [ToolEntry("ʘʘ/ʘʘ"), ToolEntry("openai/whisper-base")])
+    assert unknown[:, 0].tolist() == [0.0, 0.0] and unknown[1].tolist() == [0.0, 0.0]
 
 
 def test_retriever_learns_from_trained_tools_only_and_round_trips(open_splits, retriever, tmp_path):

@@ -109,8 +109,9 @@ class ToolRetriever(nn.Module):
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         weights = torch.zeros(len(rows), width)
         for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            weights[i, : len(row)] = len(row) ** -0.5
+            if row:
+                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                weights[i, : len(row)] = len(row) ** -0.5
         return ids, weights
 
     def _pool(self, bag: nn.EmbeddingBag, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
