@@ -12,10 +12,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     || echo "could not install chromium: the browser test will be skipped"
 fi
 [ -x /usr/bin/chromium ] && export TOOLLMM_REQUIRE_BROWSER=1
-# The real-weights tests need the small default, converted once (about 50 s) under pretrained_checkpoint/;
-# converted here, before the workers start, so that no two of them write it at once.
-python -m toollmm.small
-# One worker per core (TEST_WORKERS=N to choose, 0 for none): many tests start processes that
-# spend seconds importing on one core, which a second worker overlaps. --dist loadfile
-# keeps a file's tests on one worker, so module fixtures (a trained stage, a checkpoint) run once.
-TOOLLMM_REQUIRE_REFERENCE=1 TOOLLMM_REQUIRE_SMALL=1 python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
+# The real-weights tests convert the small default once (about 50 s) and keep it under pretrained_checkpoint/.
+TOOLLMM_REQUIRE_REFERENCE=1 TOOLLMM_REQUIRE_SMALL=1 python -m pytest -q "$@"
