@@ -12,7 +12,7 @@ a request reach a name the training rows never showed. A few independently initi
 are trained side by side and their similarities averaged (docs/open_set.md measures what the
 4-grams and the members each add).
 
-Training takes seconds on a CPU (``python code/train_retriever.py --ckpt DIR``); inference uses
+Training takes about a minute on a 2-core CPU (``python code/train_retriever.py --ckpt DIR``); inference uses
 it through ``inference.open_set_slots`` (``Assistant``).
 """
 
