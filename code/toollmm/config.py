@@ -344,6 +344,10 @@ class TrainConfig:
     """With group_by_length: how many global batches are sorted by length together."""
     compile: bool = False
     """torch.compile each LLM decoder layer; the first step pays the compile."""
+    fp8: bool = False
+    """FP8 matmuls (torchao float8, one dynamic scale per tensor) for the frozen base linear layers
+    of the LLM; LoRA, the projectors, the LM head and the loss stay in model.dtype. Needs torchao
+    (the fp8 extra) and a GPU of compute capability 8.9 or more (L40S, H100, H200)."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps into output_dir (0: no profile)."""
 
@@ -577,6 +581,12 @@ def validate(config: RunConfig) -> None:
                           "by length: set train.group_by_length=false or data.sampling=shuffled_union")
     if t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
+    if t.fp8 and t.stage == 3 and config.model.tuning == "full":
+        raise ConfigError("train.fp8 runs the frozen base weights in FP8, and model.tuning=full trains them all: "
+                          "set model.tuning=lora or train.fp8=false")
+    if t.fp8 and t.zero_stage == 3:
+        raise ConfigError("train.fp8 needs whole weights on each GPU to cast them to FP8, and ZeRO-3 shards them: "
+                          "set train.zero_stage=2 or train.fp8=false")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t.betas}")
 

@@ -52,6 +52,7 @@ from toollmm.engine import (
 )
 from toollmm.features import FeatureCache, FrozenEncoder, featurize
 from toollmm.media import set_limits as set_media_limits
+from toollmm.model.fp8 import use_fp8_for_frozen_linears
 from toollmm.model.toollmm import avoid_cudnn_attention, build_model, checkpoint_parameters, optimizer_groups
 from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX
@@ -263,6 +264,10 @@ class TrainingRecipe:
         model.answer_logits_only = t.answer_logits_only
         if t.gradient_checkpointing or t.checkpoint_above_tokens:
             model.set_activation_checkpointing(t.gradient_checkpointing)
+        if t.fp8:
+            swapped = use_fp8_for_frozen_linears(model.decoder_layers(), self.device)
+            if self.is_main:
+                log.info("train.fp8: %d frozen linear layers of the decoder multiply in FP8", len(swapped))
         if t.compile and self.zero3 and self.is_main:
             log.warning("train.compile under ZeRO-3 gains little: torch.compile breaks each layer's graph at DeepSpeed's "
                         "per-module weight-gathering hooks and reaches its recompile limit (two CPU ranks: steps no "
