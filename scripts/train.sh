@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train one stage:  bash scripts/train.sh --stage N [--config FILE.yaml] [--resume] [key=value ...]
 # One process per GPU (NPROC=N to choose; one process with the gloo backend on a CPU-only
-# machine), launched by torchrun; DeepSpeed runs inside each process.
+# machine), launched by torchrun when there are several; DeepSpeed runs inside each process.
 # Several machines: run the same command on every node with NNODES, NODE_RANK (0 on the first),
 # MASTER_ADDR (the first node's address) and optionally MASTER_PORT (default 29500) set.
 # Or, from the first node only, HOSTFILE=path (DeepSpeed's format, a line "host slots=GPUs" per
@@ -19,7 +19,18 @@ if [ -n "${HOSTFILE:-}" ]; then
   exec "$python" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_local_rank "${launcher_args[@]}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" "$root/code/train.py" "$@"
 fi
-nproc=${NPROC:-$("$python" -c "import torch; print(max(1, torch.cuda.device_count()))")}
+# Without nvidia-smi there is no GPU to count: skip the probe (a Python start that imports torch).
+if [ -z "${NPROC:-}" ] && command -v nvidia-smi >/dev/null; then
+  NPROC=$("$python" -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+nproc=${NPROC:-1}
+if [ "$nproc" -eq 1 ] && [ "${NNODES:-1}" -le 1 ]; then
+  # One process needs no launcher: it sets up a one-rank group on a free port itself
+  # (toollmm.engine), and torchrun's own Python start (torch imported again) is saved on every
+  # launch. Rendezvous settings inherited from a surrounding job are dropped, as torchrun's
+  # --standalone does: a stale MASTER_PORT may name a port that is still taken.
+  exec env -u MASTER_ADDR -u MASTER_PORT -u RANK -u LOCAL_RANK -u WORLD_SIZE "$python" "$root/code/train.py" "$@"
+fi
 if [ "${NNODES:-1}" -gt 1 ]; then
   nodes=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on each node}"
          --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node}" --master_port "${MASTER_PORT:-29500}")

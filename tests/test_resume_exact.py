@@ -39,7 +39,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def kill_when(args: list[str], ready, deadline_s: float = 900) -> None:
-    """Start training and SIGKILL its worker, then its launcher, as soon as ``ready()`` holds."""
+    """Start training and SIGKILL it, with anything it started, as soon as ``ready()`` holds."""
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "1"}
     process = subprocess.Popen(["bash", str(ROOT / "scripts" / "train.sh"), *args], cwd="/", env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -47,7 +47,7 @@ def kill_when(args: list[str], ready, deadline_s: float = 900) -> None:
     while not ready():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before the kill point"
         time.sleep(0.002)
-    workers = descendants(process.pid)  # torchrun's worker sits in a session of its own
+    workers = descendants(process.pid)  # a launcher's workers sit in a session of their own
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)

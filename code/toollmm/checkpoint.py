@@ -23,16 +23,22 @@ from pathlib import Path
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from toollmm.config import RunConfig, apply_inference_overrides, config_from_dict, resolve_path
-from toollmm.model.toollmm import TORCH_DTYPES, ToolLMM, avoid_cudnn_attention, build_model, checkpoint_state, load_trainable_state
 from toollmm.output_modalities import OUTPUT_MODALITIES
-from toollmm.signal_tokens import add_signal_tokens
-from toollmm.tokenization import PromptTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from toollmm.model.toollmm import ToolLMM
+    from toollmm.tokenization import PromptTokenizer
+
+# The model and tokenizer modules are imported where a model is built or saved: they bring in
+# peft and transformers (3-4 s on a 2-core CPU), which reading a checkpoint's config (evaluate.py)
+# does not need.
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    from toollmm.model.toollmm import checkpoint_state
+
     save_file(checkpoint_state(model), tmp / WEIGHTS, metadata={"format": "toollmm"})
     if "lora" in model.parts:  # stages 1-2 have no adapter: save_pretrained would write the whole base
         model.llm.save_pretrained(tmp / "adapter")
@@ -129,6 +137,10 @@ def load_checkpoint(
     ckpt_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, llm_path: str | None = None
 ) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
     """Base LLM + the checkpoint's weights, checked against the base it is put on."""
+    from toollmm.model.toollmm import build_model, load_trainable_state
+    from toollmm.signal_tokens import add_signal_tokens
+    from toollmm.tokenization import load_tokenizer
+
     ckpt_dir = Path(ckpt_dir)
     config, meta = read_checkpoint_config(ckpt_dir)
     if llm_path is not None:
@@ -155,6 +167,8 @@ def load_for_inference(
     unless ``dtype`` says otherwise), frozen, and LoRA folded into the base when the config's
     ``inference.merge_lora`` is on. ``overrides``: ``key=value`` settings over the checkpoint
     config's (``config.apply_inference_overrides``), checked before any model is built."""
+    from toollmm.model.toollmm import TORCH_DTYPES, avoid_cudnn_attention
+
     device = torch.device(device)
     settings = apply_inference_overrides(read_checkpoint_config(ckpt_dir)[0], overrides)
     avoid_cudnn_attention(device)
@@ -203,6 +217,8 @@ def check_compatible(meta: dict, model: ToolLMM, config: RunConfig, ckpt_dir: Pa
 def load_initial_weights(model: ToolLMM, config: RunConfig, init_dir: Path) -> None:
     """Start a stage from the previous stage's checkpoint (``train.init_from``), after checking
     it matches: same base model, same signal tokens, same output projectors."""
+    from toollmm.model.toollmm import load_trainable_state
+
     init_dir = Path(init_dir)
     _, meta = read_checkpoint_config(init_dir)
     check_compatible(meta, model, config, init_dir)

@@ -345,9 +345,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each LLM decoder layer; the first step pays the compile."""
     fp8: bool = False
-    """FP8 matmuls (torchao float8, one dynamic scale per tensor) for the frozen base linear layers
-    of the LLM; LoRA, the projectors, the LM head and the loss stay in model.dtype. Needs torchao
-    (the fp8 extra) and a GPU of compute capability 8.9 or more (L40S, H100, H200)."""
+    """FP8 matmuls (torchao) for the LLM's frozen base linear layers; needs compute capability 8.9+."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps into output_dir (0: no profile)."""
 
