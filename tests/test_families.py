@@ -1,6 +1,6 @@
 """Each LLM family users bring, as a tiny random model (AutoConfig/from_config) with a tokenizer of
-its kind, through the whole path on CPU: stage-3 LoRA training, checkpoint, resume, inference
-(free, constrained, top-k) and reload, with the exact set of trainable parameter names."""
+its kind, through the whole path on CPU: stage-3 LoRA training, checkpoint, resume (llama),
+inference (free, constrained, top-k) and reload, with the exact set of trainable parameter names."""
 
 import json
 import os
@@ -116,10 +116,15 @@ def test_family_trains_resumes_answers_and_reloads(family, tmp_path):
     del model
 
     out = tmp_path / "run"
-    train(*overrides(folder, out), "train.max_steps=2")
+    # Resuming is DeepSpeed's state, the same for every family: one family resumes (a training
+    # launch costs ~9 s of CI time), the others train their 3 steps in one go.
+    if name == "llama":
+        train(*overrides(folder, out), "train.max_steps=2")
+        train("--resume", *overrides(folder, out), "train.max_steps=3")
+    else:
+        train(*overrides(folder, out), "train.max_steps=3")
     saved = load_file(out / "checkpoint-2" / "trainable.safetensors")
     assert set(saved) == expected
-    train("--resume", *overrides(folder, out), "train.max_steps=3")
     final = out / "final"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]

@@ -119,10 +119,16 @@ def test_cold_and_warm_feature_cache_train_the_same(tiny_default, tmp_path):
     """A run that extracts its features (cold cache) and one that reads them (warm) end with the
     same weights: extraction's draws from the RNG must not move the model's initialisation."""
     cache = f"data.feature_cache_dir={tmp_path / 'features'}"
+    # 12 of the bundled media requests, every modality among them: extraction is what differs.
+    rows = json.loads((DATA / "toolmmbench_sample" / "media_requests.json").read_text())[::10]
+    assert {r["input_modality"] for r in rows} == {"image", "audio", "video"}
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    data = [f"data.train_files=[{{path: {tmp_path / 'rows.json'}, media_root: {DATA}}}]", "data.eval_files=[]",
+            "data.split.test_fraction=0.0"]
     weights = []
     for name in ("cold", "warm"):
         run = tmp_path / name
-        result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", cache,
+        result = run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={run}", cache, *data,
                            "train.max_steps=2", "model.tuning=lora", "train.micro_batch_size=4", "train.gradient_accumulation_steps=1")
         assert ("extracting" in result.stderr) == (name == "cold")  # the cold run encoded media, the warm one did not
         weights.append(load_file(run / "final" / "trainable.safetensors"))
