@@ -135,6 +135,27 @@ def test_tiny_default_builds_without_the_decoders_extra(tmp_path):
     assert not (tmp_path / "pretrained_checkpoint" / "diffusion_ckpt").exists()
 
 
+SCRIPTS = ("train", "infer", "evaluate", "build-tiny", "build-small", "preprocess", "import-checkpoint", "extract-features",
+           "app", "process-embeddings")
+HELP_DRIVER = """
+import contextlib, importlib, io, json, sys
+from importlib.metadata import entry_points
+import toollmm.config
+found = {"config_dir": str(toollmm.config.CONFIG_DIR)}
+for ep in entry_points(group="console_scripts"):
+    if not ep.name.startswith("toollmm-") or ep.name in found:
+        continue
+    sys.argv, stdout, code = [ep.name, "--help"], io.StringIO(), None
+    with contextlib.redirect_stdout(stdout):
+        try:
+            ep.load()()
+        except SystemExit as exit:
+            code = exit.code
+    found[ep.name] = [code, stdout.getvalue(), importlib.import_module(ep.module).__file__]
+print(json.dumps(found))
+"""
+
+
 @pytest.mark.slow
 def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
     # A fresh venv with a non-editable install of this checkout. Its dependencies come from the
@@ -157,20 +178,26 @@ def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
     # MASTER_PORT pointing at the store it still listens on.
     launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOOLLMM_ROOT", "VIRTUAL_ENV", *launcher)}
-    where = subprocess.run([str(python), "-c", "import toollmm.config as c; print(c.CONFIG_DIR)"], cwd=elsewhere,
-                           capture_output=True, text=True, env=env, check=True).stdout.strip()
+    # Where the configs come from, and every console script's --help, in one process of the fresh
+    # venv (each script in a process of its own cost CI ~30 s of Python starts); the scripts
+    # themselves are checked to exist.
+    helped = json.loads(subprocess.run([str(python), "-c", HELP_DRIVER], cwd=elsewhere, capture_output=True, text=True,
+                                       env=env, check=True, timeout=300).stdout)
+    where = helped.pop("config_dir")
     assert where.startswith(site) and Path(where, "tiny.yaml").is_file() and Path(where, "base.yaml").is_file()
-
-    train = venv / "bin" / "toollmm-train"
-    helped = subprocess.run([str(train), "--help"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
-    assert helped.returncode == 0 and "packaged config's name (any_to_any, small, small_published, tiny, tiny_chain)" in " ".join(helped.stdout.split())
+    assert set(helped) == {f"toollmm-{s}" for s in SCRIPTS} and all((venv / "bin" / name).is_file() for name in helped)
+    for name, (code, stdout, module) in helped.items():
+        assert code in (0, None) and stdout.startswith(f"usage: {name}"), (name, code, stdout[-2000:])
+        assert module.startswith(site), (name, module)  # the fresh install's, not the checkout's
+    train_help = " ".join(helped["toollmm-train"][1].split())
+    assert "packaged config's name (any_to_any, small, small_published, tiny, tiny_chain)" in train_help
 
     # One epoch of the tiny config over the 120 bundled media rows, from another folder: the
     # checkpoints and data come from the clone through TOOLLMM_ROOT, the configs from the package.
     out = elsewhere / "run"
     sample = "[{path: data/toolmmbench_sample/media_requests.json, media_root: data}]"
     result = subprocess.run(
-        [str(train), "--stage", "3", "--config", "tiny", f"train.output_dir={out}", "train.epochs=1",
+        [str(venv / "bin" / "toollmm-train"), "--stage", "3", "--config", "tiny", f"train.output_dir={out}", "train.epochs=1",
          f"data.train_files={sample}", "data.eval_files=[]", "data.split.test_fraction=0.2", "train.num_workers=0"],
         cwd=elsewhere, capture_output=True, text=True, timeout=900, env={**env, "TOOLLMM_ROOT": str(ROOT)},
     )
@@ -179,8 +206,3 @@ def test_plain_install_trains_from_another_folder(tiny_default, tmp_path):
     assert len(steps) == 7  # the split's training share of the 120 rows, in micro-batches of 16
     assert (out / "final" / "trainable.safetensors").is_file()
 
-    for script in ("infer", "evaluate", "build-tiny", "build-small", "preprocess", "import-checkpoint", "extract-features",
-                   "app", "process-embeddings"):
-        helped = subprocess.run([str(venv / "bin" / f"toollmm-{script}"), "--help"], cwd=elsewhere,
-                                capture_output=True, text=True, env=env, timeout=300)
-        assert helped.returncode == 0 and helped.stdout.startswith(f"usage: toollmm-{script}"), (script, helped.stderr[-2000:])
