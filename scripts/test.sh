@@ -12,6 +12,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     || echo "could not install chromium: the browser test will be skipped"
 fi
 [ -x /usr/bin/chromium ] && export TOOLLMM_REQUIRE_BROWSER=1
-# --durations: the 20 slowest tests close the log (the suite's time is a CI budget).
+# --durations: the log ends with the 20 slowest tests.
 # The real-weights tests convert the small default once (about 50 s) and keep it under pretrained_checkpoint/.
 TOOLLMM_REQUIRE_REFERENCE=1 TOOLLMM_REQUIRE_SMALL=1 python -m pytest -q --durations=20 "$@"
