@@ -19,7 +19,8 @@ if [ -n "${HOSTFILE:-}" ]; then
   exec "$python" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_local_rank "${launcher_args[@]}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" "$root/code/train.py" "$@"
 fi
-# Without nvidia-smi there is no GPU to count: skip the probe (a Python start that imports torch).
+# Without nvidia-smi (installed with the NVIDIA driver) there is no GPU to count: skip the probe,
+# a Python start that imports torch. NPROC=N still chooses.
 if [ -z "${NPROC:-}" ] && command -v nvidia-smi >/dev/null; then
   NPROC=$("$python" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi

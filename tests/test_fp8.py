@@ -2,6 +2,7 @@
 those of the bf16 model (CPU here; compiled on CUDA in the GPU-marked test)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -105,3 +106,9 @@ def test_fp8_refuses_what_it_cannot_speed_up(tiny_default):
         load_config(3, overrides=[*base, "train.zero_stage=3"])
     with pytest.raises(ValueError, match="no frozen linear layer"):
         use_fp8_for_frozen_linears(lora_model("full").decoder_layers(), torch.device("cpu"))
+
+
+def test_fp8_without_torchao_names_the_extra(tiny_default, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
+    with pytest.raises(ImportError, match=r"pip install 'toollmm\[fp8\]'"):
+        use_fp8_for_frozen_linears(lora_model().decoder_layers(), torch.device("cpu"))

@@ -74,12 +74,12 @@ def outputs_identity(model: ToolLMM, config: RunConfig) -> dict | None:
 def save_checkpoint(
     out_dir: Path, model: ToolLMM, config: RunConfig, tokenizer: PromptTokenizer, progress: dict, encoder_identity: str
 ) -> Path:
+    from toollmm.model.toollmm import checkpoint_state
+
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    from toollmm.model.toollmm import checkpoint_state
-
     save_file(checkpoint_state(model), tmp / WEIGHTS, metadata={"format": "toollmm"})
     if "lora" in model.parts:  # stages 1-2 have no adapter: save_pretrained would write the whole base
         model.llm.save_pretrained(tmp / "adapter")

@@ -3,8 +3,9 @@
     bash scripts/train.sh --stage 3 [--config my.yaml ...] [key=value ...]
 
 ``scripts/train.sh`` runs this once per GPU under ``torchrun``, or as one plain process on a
-single GPU or a CPU (the gloo backend). Config: the packaged ``base.yaml`` + ``stage_<N>.yaml`` + ``--config`` layers
-(a YAML file, or a packaged config's name such as ``tiny``) + overrides; see ``toollmm.config``.
+single GPU or a CPU (the gloo backend). Config: the packaged ``base.yaml`` + ``stage_<N>.yaml``
++ ``--config`` layers (a YAML file, or a packaged config's name such as ``tiny``) + overrides;
+see ``toollmm.config``.
 The training itself is ``toollmm.recipe.TrainingRecipe``.
 """
 
