@@ -49,3 +49,26 @@ def test_preprocess_dataset_is_reproducible(tiny_default, tmp_path):
     assert not train_requests & test_requests
     assert all(isinstance(r["conversations"][1]["value"], str) for r in train)
     assert all(isinstance(r["conversations"][1]["value"], list) for r in test)
+
+
+def test_padded_benchmark_tokenizer_has_only_special_added_tokens(tmp_path):
+    """bench/make_random_llm.py pads the trained vocabulary to a real model's size: the filler
+    pieces are ordinary entries no merge reaches, not added tokens (each added token slows every
+    tokenizer load), and real text encodes to the same pieces as without them."""
+    from toollmm.tiny import VOCAB_SIZE, corpus, train_tokenizer
+    from toollmm.tokenization import load_tokenizer
+
+    texts = corpus(DATA, [])
+    padded = train_tokenizer(texts, tmp_path / "padded", vocab_size=VOCAB_SIZE + 400, unused_pieces=400)
+    plain = train_tokenizer(texts, tmp_path / "plain")
+    padded.save_pretrained(tmp_path / "saved")
+    loaded = load_tokenizer(tmp_path / "saved")
+    assert len(loaded) == VOCAB_SIZE + 400 and loaded.hf.vocab_size == VOCAB_SIZE + 400
+    assert sorted(loaded.hf.get_added_vocab()) == ["</s>", "<s>", "<unk>"]
+    filler = {loaded.sp.piece_to_id(f"<unused_{i}>") for i in range(400)}
+    assert len(filler) == 400 and 0 not in filler  # all in the vocabulary (0 is <unk>)
+    for text in texts[::40] + ["<unused_7> is text, not a piece"]:
+        ids = loaded.encode(text)
+        assert not filler & (set(ids) | set(loaded.hf(text, add_special_tokens=False)["input_ids"]))
+        assert [loaded.sp.id_to_piece(i) for i in ids] == [plain.sp.id_to_piece(i) for i in plain.encode(text)]
+        assert loaded.decode(ids) == text
