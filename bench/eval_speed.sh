@@ -11,6 +11,7 @@
 # the sample data folder the workload is built from (default data, the bundled one).
 # Python bytecode is cached under PYTHONPYCACHEPREFIX (default /tmp/pycache) by an untimed warm-up.
 # PROFILE=1: run under cProfile and print the 25 functions with the most host time.
+# The constrained run's figures are printed beside their headline records (bench/headline.py).
 set -euo pipefail
 OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/speed_fast/final}
@@ -38,7 +39,7 @@ for mode in $MODES; do
   start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
   python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} code/inference.py --ckpt "$CKPT" "${workload[@]}" inference.batch_size="$BATCH" \
     inference.max_batch_tokens="${MAX_BATCH_TOKENS:-65536}" inference.max_new_tokens=32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
-    | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
+    | tee "$OUT/$mode.log" | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N); echo "exited $(date +%T.%N)"
   python3 - "$OUT/predictions_$mode.json" "$start" "$end" "$mode" "$BATCH" <<'PY'
 import json, sys
@@ -47,5 +48,10 @@ seconds = float(sys.argv[3]) - float(sys.argv[2])
 print(json.dumps({"mode": sys.argv[4], "batch_size": int(sys.argv[5]), "queries": len(rows),
                   "seconds_end_to_end": round(seconds, 2), "queries_per_s": round(len(rows) / seconds, 1)}))
 PY
+  if [ "$mode" = constrained ] && [ -z "${SPLIT:-}" ] && [ "${QUERIES:-2397}" = 2397 ]; then  # the headline's workload
+    python3 bench/headline.py eval_2397_end_to_end_s "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$start" "$end")"
+    rate=$(grep -o "([0-9.]* queries/s" "$OUT/$mode.log" | tail -1 | tr -d '(' | cut -d' ' -f1)
+    [ -z "$rate" ] || python3 bench/headline.py eval_constrained_queries_per_s "$rate"
+  fi
   [ -z "${PROFILE:-}" ] || python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" "$OUT/$mode.prof" | tail -40
 done

@@ -60,4 +60,13 @@ print(f"{'':26}" + "".join(f"{s:>14}" for s in rows))  # names up to 13 characte
 for k in keys:
     print(f"{k:26}" + "".join(f"{rows[s].get(k, '-')!s:>14}" for s in rows))
 PY
+# The headline records are one-GPU 7B runs of these settings (bench/headline.py prints them beside).
+if [ "$PRESET" = vicuna-7b ] && [ "$NPROC" = 1 ]; then
+  for name in "${names[@]}"; do
+    case $name in
+      published) python3 bench/headline.py stage3_7b_published_samples_per_s --summary "$OUT/$name/summary.json" ;;
+      fast|fp8) python3 bench/headline.py stage3_7b_fast_samples_per_s --summary "$OUT/$name/summary.json" ;;
+    esac
+  done
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -14,7 +14,8 @@ python -m toollmm.tiny
 rm -rf "$run"
 bash scripts/train.sh --stage 3 --config tiny train.output_dir="$run" "$@"
 for split in test train; do
-  python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json"
+  python code/inference.py --ckpt "$run/final" --split $split --output "$run/predictions_$split.json" 2>&1 \
+    | tee "$run/inference_$split.log"
 done
 # The same test queries with decoding constrained to the tool catalogue, and the top 5 tools.
 python code/inference.py --ckpt "$run/final" --split test inference.constrained=true inference.top_k=5 \
@@ -30,4 +31,9 @@ rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 print(f"training: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
       f"token accuracy {rows[0]['token_accuracy']:.3f} -> {rows[-1]['token_accuracy']:.3f}, {rows[-1]['elapsed_s']:.0f} s")
 PY
-echo "main job done in $((SECONDS - start)) s; reports under $run/eval_test and $run/eval_train"
+seconds=$((SECONDS - start))
+echo "main job done in $seconds s; reports under $run/eval_test and $run/eval_train"
+# Beside the measured headline figures (bench/results/headline.json; they name their machine).
+rate=$(grep -o "([0-9.]* queries/s" "$run/inference_test.log" | tail -1 | tr -d '(' | cut -d' ' -f1)
+[ -z "$rate" ] || python bench/headline.py cpu_tiny_inference_queries_per_s "$rate"
+python bench/headline.py cpu_main_job_s "$seconds"

@@ -1,7 +1,9 @@
-"""bench/trace_gaps.py on a synthetic profiler trace: the phase split and the GPU-busy arithmetic."""
+"""bench/trace_gaps.py on a synthetic profiler trace: the phase split and the GPU-busy arithmetic;
+bench/headline.py printing a new figure beside its headline record."""
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,37 @@ def test_trace_gaps_splits_each_step(tmp_path):
     assert rows == [{"step_ms": 10.0, "gpu_busy_ms": 5.0, "forward_ms": 4.0, "forward_gpu_ms": 3.0, "backward_ms": 4.0,
                      "backward_gpu_ms": 2.0, "after_backward_ms": 2.0, "after_backward_gpu_ms": 0.0}] * 2
     assert "1.20 ms      3 calls  aten::isfinite" in out and "aten::abs" not in out
+
+
+def headline(*args):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "headline.py"), *args], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_headline_prints_a_figure_beside_its_record(tmp_path):
+    records = [{"name": "cpu_main_job_s", "value": 800, "unit": "s", "hardware": "a 2-core CPU", "commit": "abc1234",
+                "date": "2026-12-01", "command": "bash scripts/run_tiny.sh", "compared_with": {"name": "before", "value": 900}},
+               {"name": "stage3_7b_fast_samples_per_s", "value": 200.0, "unit": "samples/s", "hardware": "one H200",
+                "commit": "def5678", "date": "2026-12-02", "command": "bash bench/speed.sh", "compared_with": None}]
+    path = tmp_path / "headline.json"
+    path.write_text(json.dumps(records))
+    assert headline("cpu_main_job_s", "600", "--headline", str(path)) == (
+        "cpu_main_job_s: 600 s now | headline 800 s (abc1234, a 2-core CPU, 2026-12-01) | now/headline 0.75"
+        " | the headline compared with 900 s: before")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"samples_per_s_over_span": 250.0}))
+    assert headline("stage3_7b_fast_samples_per_s", "--summary", str(summary), "--headline", str(path)) == (
+        "stage3_7b_fast_samples_per_s: 250 samples/s now | headline 200 samples/s (def5678, one H200, 2026-12-02)"
+        " | now/headline 1.25")
+    # Never fails a benchmark: a run that did not finish, or a name without a record, is one line.
+    assert "did not finish" in headline("stage3_7b_fast_samples_per_s", "--summary", str(tmp_path / "none.json"))
+    assert headline("unknown_figure", "3", "--headline", str(path)).endswith(f"no headline record of that name in {path}")
+
+
+def test_every_bench_comparison_names_a_headline_record():
+    """The names the bench scripts print beside their figures are records of headline.json."""
+    names = {record["name"] for record in json.loads((ROOT / "bench" / "results" / "headline.json").read_text())}
+    used = set()
+    for script in ("bench/speed.sh", "bench/eval_speed.sh", "scripts/run_tiny.sh"):
+        used |= set(re.findall(r"python3? bench/headline\.py \"?([a-z0-9_]+)", (ROOT / script).read_text()))
+    assert len(used) == 6 and used <= names, sorted(used - names)

@@ -1,0 +1,64 @@
+"""A figure just measured, printed beside its headline record (bench/results/headline.json).
+
+    python bench/headline.py eval_2397_end_to_end_s 27.9
+    python bench/headline.py stage3_7b_fast_samples_per_s --summary /tmp/speed_out/fast/summary.json
+
+prints, for instance::
+
+    eval_2397_end_to_end_s: 27.9 s now | headline 28.16 s (0188b9c, one NVIDIA H200 (141 GB), 2026-12-04) | ...
+
+so a benchmark's log carries the figure it is to be read against. ``--summary`` reads the value
+from a ``bench/summarize_metrics.py`` summary (its ``samples_per_s_over_span``). The bench
+scripts call it after each measurement; it never fails a benchmark (an unknown name or a missing
+file prints one line saying so and exits 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HEADLINE = Path(__file__).resolve().parent / "results" / "headline.json"
+
+
+def records(path: Path = HEADLINE) -> dict[str, dict]:
+    return {record["name"]: record for record in json.loads(Path(path).read_text())}
+
+
+def comparison_line(name: str, value: float, path: Path = HEADLINE) -> str:
+    """``name``'s new ``value`` beside its headline record and the record's own comparison."""
+    record = records(path).get(name)
+    if record is None:
+        return f"{name}: {value:g} now | no headline record of that name in {path}"
+    unit = record["unit"]
+    line = (f"{name}: {value:g} {unit} now | headline {record['value']:g} {unit} "
+            f"({record['commit']}, {record['hardware']}, {record['date']})")
+    ratio = value / record["value"]
+    line += f" | now/headline {ratio:.2f}"
+    compared = record["compared_with"]
+    if compared is not None:
+        line += f" | the headline compared with {compared['value']:g} {unit}: {compared['name']}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a record name of bench/results/headline.json")
+    parser.add_argument("value", nargs="?", type=float, help="the figure just measured")
+    parser.add_argument("--summary", type=Path, help="read the value (samples_per_s_over_span) from this summary.json")
+    parser.add_argument("--headline", type=Path, default=HEADLINE)
+    args = parser.parse_args(argv)
+    value = args.value
+    if args.summary is not None:
+        if not args.summary.is_file():
+            print(f"{args.name}: no {args.summary} (the run did not finish): nothing to compare")
+            return
+        value = json.loads(args.summary.read_text())["samples_per_s_over_span"]
+    if value is None:
+        parser.error("give the VALUE or --summary")
+    print(comparison_line(args.name, value, args.headline))
+
+
+if __name__ == "__main__":
+    main()
