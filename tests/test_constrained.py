@@ -333,6 +333,25 @@ def test_beam_top_k(model, tokenizer, prompts, small_trie):
     assert [[r["tool"] for r in row] for row in wide] == [[r["tool"] for r in row] for row in rank_tools(exact_few, few, 5)]
 
 
+def test_beam_top_k_runs_each_prompt_once(model, tokenizer, prompts, small_trie, monkeypatch):
+    """The prompts are prefilled once (one row each, all but their last token); every later
+    forward of the search feeds one token per beam."""
+    ids, features = prompts
+    shapes = []
+    forward = type(model.causal_lm()).forward
+
+    def recording(self, *args, **kwargs):
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        shapes.append(tuple(inputs.shape[:2]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.causal_lm()), "forward", recording)
+    beam_top_k(model, tokenizer, ids, features, small_trie, 3, batch_size=len(ids), num_beams=6, show_progress=False)
+    longest = max(len(p) for p in ids)
+    assert shapes[0] == (len(ids), longest - 1)
+    assert len(shapes) > 2 and set(shapes[1:]) == {(len(ids) * 6, 1)}
+
+
 def test_top_k_tools_is_exact_scoring_or_beam_search(model, tokenizer, prompts, small_trie):
     ids, features = prompts
     exact = top_k_tools(model, tokenizer, ids, features, small_trie, 3, "exact", show_progress=False)

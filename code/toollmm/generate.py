@@ -247,9 +247,17 @@ def beam_top_k(
     processor = LogitsProcessorList([TrieLogitsProcessor(trie, tokenizer.eos_token_id)])
     for batch in tqdm(_batches(prompts, batch_size), desc="beam", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
+        # Each prompt runs once: generate would copy it num_beams times before its prefill (10 copies
+        # of ~56 tokens at k=5, as many tokens as the whole search decodes). The cache of all but
+        # the last prompt token is copied per beam instead, and generate starts from it.
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        cache = model.llm(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                          use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(num_beams)  # row i*num_beams + b, as generate expands the prompts
         output = model.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
+            cache=cache,
             max_new_tokens=trie.max_length + 1,
             num_beams=num_beams,
             num_return_sequences=num_beams,
