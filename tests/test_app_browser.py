@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DATA, TINY_CONFIG, run_entry
+from conftest import ROOT, DATA, TINY_CONFIG
 
 pytest.importorskip("gradio", reason="the demo needs gradio (the [demo] extra)")
 from toollmm.app import MB, Demo, UploadError, check_uploads
@@ -169,12 +169,18 @@ def app_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
     ckpt = os.environ.get("TOOLLMM_APP_CKPT")
     if ckpt is None:
+        from toollmm.checkpoint import save_checkpoint
+        from toollmm.config import load_config, resolve_path
+        from toollmm.model.toollmm import build_model
         from toollmm.tiny import build
+        from toollmm.tokenization import load_tokenizer
 
         build(ROOT, DATA)
-        run_entry("train.py", "--stage", "3", "--config", str(TINY_CONFIG), f"train.output_dir={tmp / 'run'}",
-                  "train.max_steps=2", "train.save_every_steps=0")
-        ckpt = tmp / "run" / "final"
+        # The page is under test, not training: an untrained stage-3 checkpoint, written in-process
+        # (a training launch cost 10-13 s of this fixture).
+        config = load_config(3, [str(TINY_CONFIG)])
+        ckpt = save_checkpoint(tmp / "run" / "final", build_model(config.model, 1024).eval(), config,
+                               load_tokenizer(resolve_path(config.model.llm_path)), {"step": 0}, "encoder-id")
     port = free_port()
     log = (tmp / "app.log").open("w")
     server = subprocess.Popen(
