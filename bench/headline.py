@@ -30,9 +30,9 @@ def comparison_line(name: str, value: float, path: Path = HEADLINE) -> str:
     """``name``'s new ``value`` beside its headline record and the record's own comparison."""
     record = records(path).get(name)
     if record is None:
-        return f"{name}: {value:g} now | no headline record of that name in {path}"
+        return f"{name}: {value:.4g} now | no headline record of that name in {path}"
     unit = record["unit"]
-    line = (f"{name}: {value:g} {unit} now | headline {record['value']:g} {unit} "
+    line = (f"{name}: {value:.4g} {unit} now | headline {record['value']:g} {unit} "
             f"({record['commit']}, {record['hardware']}, {record['date']})")
     ratio = value / record["value"]
     line += f" | now/headline {ratio:.2f}"
