@@ -346,10 +346,15 @@ def test_beam_top_k_runs_each_prompt_once(model, tokenizer, prompts, small_trie,
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model.causal_lm()), "forward", recording)
-    beam_top_k(model, tokenizer, ids, features, small_trie, 3, batch_size=len(ids), num_beams=6, show_progress=False)
+    beam_top_k(model, tokenizer, ids, features, small_trie, 3, batch_size=len(ids) * 6, num_beams=6, show_progress=False)
     longest = max(len(p) for p in ids)
     assert shapes[0] == (len(ids), longest - 1)
     assert len(shapes) > 2 and set(shapes[1:]) == {(len(ids) * 6, 1)}
+    # batch_size counts rows, prompts × beams: 17 rows hold 2 prompts of 6 beams.
+    shapes.clear()
+    beam_top_k(model, tokenizer, ids, features, small_trie, 3, batch_size=17, num_beams=6, show_progress=False)
+    assert [rows for rows, length in shapes if length > 1] == [2, 2, 1]
+    assert {rows for rows, length in shapes if length == 1} == {12, 6}
 
 
 def test_top_k_tools_is_exact_scoring_or_beam_search(model, tokenizer, prompts, small_trie):

@@ -353,7 +353,7 @@ class TrainConfig:
 @dataclass
 class InferenceConfig:
     batch_size: int = 16
-    """Queries or prompts per generation batch."""
+    """Queries or prompts per generation batch (top_k_method beam: rows, prompts × beams)."""
     max_new_tokens: int = 64
     """Token limit of a tool answer."""
     temperature: float = 0.0
