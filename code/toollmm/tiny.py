@@ -119,7 +119,11 @@ def _as_ordinary_pieces(proto: bytes) -> bytes:
     added tokens, loads in a fraction of a second. No merge forms an ordinary ``<unused_i>``
     piece, so encoding is unchanged.
     """
-    from sentencepiece import sentencepiece_model_pb2  # needs protobuf: only benchmark tokenizers pad
+    try:  # sentencepiece's model schema needs protobuf; only benchmark tokenizers are padded
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as err:
+        raise ImportError("padding a tokenizer with unused pieces edits its sentencepiece model, which needs "
+                          "protobuf: pip install protobuf") from err
 
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(proto)
