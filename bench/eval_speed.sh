@@ -50,8 +50,7 @@ print(json.dumps({"mode": sys.argv[4], "batch_size": int(sys.argv[5]), "queries"
 PY
   if [ "$mode" = constrained ] && [ -z "${SPLIT:-}" ] && [ "${QUERIES:-2397}" = 2397 ]; then  # the headline's workload
     python3 bench/headline.py eval_2397_end_to_end_s "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$start" "$end")"
-    rate=$(grep -o "([0-9.]* queries/s" "$OUT/$mode.log" | tail -1 | tr -d '(' | cut -d' ' -f1)
-    [ -z "$rate" ] || python3 bench/headline.py eval_constrained_queries_per_s "$rate"
+    python3 bench/headline.py eval_constrained_queries_per_s --log "$OUT/$mode.log"
   fi
   [ -z "${PROFILE:-}" ] || python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(25)" "$OUT/$mode.prof" | tail -40
 done

@@ -34,6 +34,5 @@ PY
 seconds=$((SECONDS - start))
 echo "main job done in $seconds s; reports under $run/eval_test and $run/eval_train"
 # Beside the measured headline figures (bench/results/headline.json; they name their machine).
-rate=$(grep -o "([0-9.]* queries/s" "$run/inference_test.log" | tail -1 | tr -d '(' | cut -d' ' -f1)
-[ -z "$rate" ] || python bench/headline.py cpu_tiny_inference_queries_per_s "$rate"
+python bench/headline.py cpu_tiny_inference_queries_per_s --log "$run/inference_test.log"
 python bench/headline.py cpu_main_job_s "$seconds"

@@ -57,8 +57,13 @@ def test_headline_prints_a_figure_beside_its_record(tmp_path):
     assert headline("stage3_7b_fast_samples_per_s", "--summary", str(summary), "--headline", str(path)) == (
         "stage3_7b_fast_samples_per_s: 250 samples/s now | headline 200 samples/s (def5678, one H200, 2026-12-02)"
         " | now/headline 1.25")
+    log = tmp_path / "inference.log"
+    log.write_text("INFO answered 393 queries in 4.3 s (91.7 queries/s, batch size 64, free)\n"
+                   "INFO answered 200 queries in 2.4 s (84.4 queries/s, batch size 64, free)\n")
+    assert headline("cpu_main_job_s", "--log", str(log), "--headline", str(path)).startswith("cpu_main_job_s: 84.4 s now")
     # Never fails a benchmark: a run that did not finish, or a name without a record, is one line.
     assert "did not finish" in headline("stage3_7b_fast_samples_per_s", "--summary", str(tmp_path / "none.json"))
+    assert "did not finish" in headline("cpu_main_job_s", "--log", str(tmp_path / "none.log"))
     assert headline("unknown_figure", "3", "--headline", str(path)).endswith(f"no headline record of that name in {path}")
 
 
