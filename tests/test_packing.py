@@ -318,3 +318,35 @@ def test_flex_attention_on_packed_rows_trains_like_padded_sdpa(setup):
     # on CPU FlexAttention has no backward, and inductor's C++ flex template fails to build with
     # dynamic shapes (torch 2.11). Gradients, compiled layers, a second width: tests/test_gpu.py.
     flex_against_padded_sdpa(setup, "cpu", compile_layers=False)
+
+
+def test_packed_block_masks_compile_once_for_every_shape():
+    """Packed batches of other widths and row counts reuse one compiled create_block_mask (transformers'
+    own compiles again for a new length, then for a new row count) and get the block masks that
+    an eager create_block_mask builds from transformers' packed-sequence mask function."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.masking_utils import (and_masks, causal_mask_function, find_packed_sequence_indices,
+                                            packed_sequence_mask_function)
+
+    from toollmm.model import flex_mask
+
+    def packed(lengths_by_row):  # position ids restarting at each example, as PackingCollator writes them
+        width = max(sum(row) for row in lengths_by_row)
+        rows = [torch.cat([torch.arange(n) for n in [*row, width - sum(row)] if n]) for row in lengths_by_row]
+        mask = packed_sequence_mask_function(find_packed_sequence_indices(torch.stack(rows)))
+        return len(rows), width, and_masks(causal_mask_function, mask)
+
+    torch._dynamo.reset()
+    flex_mask._dynamic_create_block_mask.cache_clear()
+    shapes = [[[70, 60], [100, 29]], [[300, 20], [150, 150], [64]], [[130, 200, 1], [333], [12, 12, 12], [200]]]
+    batches = [packed(lengths) for lengths in shapes]
+    graphs = counters["stats"]["unique_graphs"]
+    ours = [flex_mask.packed_block_mask(rows, width, width, mask_function=mask) for rows, width, mask in batches]
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    theirs = [create_block_mask(mask, rows, None, width, width, device="cpu") for rows, width, mask in batches]  # eager
+    for (rows, width, _), mine, reference in zip(batches, ours, theirs):
+        assert mine.shape == (rows, 1, width, width)
+        assert torch.equal(mine.to_dense(), reference.to_dense())
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(mine, name), getattr(reference, name)), name

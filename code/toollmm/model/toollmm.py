@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from toollmm.config import ModelConfig, resolve_path
 from toollmm.model.families import lora_targets
+from toollmm.model.flex_mask import use_dynamic_block_masks
 from toollmm.model.projectors import build_output_projector
 from toollmm.output_modalities import OUTPUT_MODALITIES
 from toollmm.prompts import IGNORE_INDEX, MEDIA_SLOT_ID
@@ -223,6 +224,8 @@ def load_llm(config: ModelConfig, dtype: torch.dtype | None = None, device: torc
     base loaded to host memory first and then moved costs seconds more and 13 GiB of host RAM)."""
     path = resolve_path(config.llm_path)
     device = torch.device(device) if device is not None else None
+    if config.attn_implementation == "flex_attention":
+        use_dynamic_block_masks()
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or TORCH_DTYPES[config.dtype], attn_implementation=config.attn_implementation,
         **({"device_map": {"": device}} if device is not None and device.type != "cpu" else {}),
