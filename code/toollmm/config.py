@@ -345,7 +345,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each LLM decoder layer; the first step pays the compile."""
     fp8: bool = False
-    """FP8 matmuls (torchao) for the LLM's frozen base linear layers; needs compute capability 8.9+."""
+    """FP8 matmuls for the LLM's frozen base linear layers, their weights cast once; needs compute capability 8.9+."""
     profile_steps: int = 0
     """Profile this many optimizer steps after 3 warm-up steps into output_dir (0: no profile)."""
 
