@@ -184,12 +184,12 @@ class StepMetrics:
     def reduce(self) -> dict:
         """Means over the step's micro-batches on every rank (an MSE over those that had it), then reset."""
         dist.all_reduce(self.sums)
-        sums = dict(zip(self.names, self.sums))
-        means = {"loss": (sums["loss"] / sums["micro_batches"]).item(),
-                 "token_accuracy": (sums["token_accuracy"] / sums["micro_batches"]).item()}
+        # One read from the GPU a step: each .item() or comparison would wait for the GPU on its own.
+        sums = dict(zip(self.names, self.sums.tolist()))
+        means = {"loss": sums["loss"] / sums["micro_batches"], "token_accuracy": sums["token_accuracy"] / sums["micro_batches"]}
         for modality in self.modalities:
             if sums[f"mse_{modality}_batches"] > 0:
-                means[f"mse_{modality}"] = (sums[f"mse_{modality}"] / sums[f"mse_{modality}_batches"]).item()
+                means[f"mse_{modality}"] = sums[f"mse_{modality}"] / sums[f"mse_{modality}_batches"]
         self.sums.zero_()
         return means
 
