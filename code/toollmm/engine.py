@@ -172,13 +172,13 @@ class StepMetrics:
 
     def add(self, out: dict) -> None:
         """Add one micro-batch's model outputs."""
-        zero = torch.zeros((), device=self.device)
-        values = {"loss": out["loss"].detach().float(), "token_accuracy": out["token_accuracy"].float(),
-                  "micro_batches": torch.ones((), device=self.device)}
+        # Made on the device (a fill, not a copy from host memory, which would wait for the GPU).
+        zero, one = torch.zeros((), device=self.device), torch.ones((), device=self.device)
+        values = {"loss": out["loss"].detach().float(), "token_accuracy": out["token_accuracy"].float(), "micro_batches": one}
         for modality in self.modalities:
             present = f"mse_{modality}" in out
             values[f"mse_{modality}"] = out[f"mse_{modality}"].float() if present else zero
-            values[f"mse_{modality}_batches"] = torch.tensor(float(present), device=self.device)
+            values[f"mse_{modality}_batches"] = one if present else zero
         self.sums += torch.stack([values[name] for name in self.names])
 
     def reduce(self) -> dict:
