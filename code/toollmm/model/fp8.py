@@ -65,7 +65,7 @@ class _FrozenWeightFloat8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_e4m3, weight_e4m3_t, weight_scale):
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm takes its first operand row-major
         x_scale = _scale(rows, E4M3)
         out = torch._scaled_mm(_cast(rows, x_scale, E4M3), weight_e4m3.t(), scale_a=x_scale.reciprocal(),
                                scale_b=weight_scale.reciprocal(), out_dtype=x.dtype, use_fast_accum=True)
@@ -75,7 +75,7 @@ class _FrozenWeightFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight_e4m3_t, weight_scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
+        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_scale = _scale(rows, E5M2)
         grad_x = torch._scaled_mm(_cast(rows, grad_scale, E5M2), weight_e4m3_t.t(), scale_a=grad_scale.reciprocal(),
                                   scale_b=weight_scale.reciprocal(), out_dtype=grad.dtype, use_fast_accum=False)
