@@ -68,7 +68,8 @@ def main() -> None:
     if len(counts) > 1:
         (low, a), (high, b) = min(counts.items()), max(counts.items())
         per_layer = (b - a) / (high - low)
-        print(f"{per_layer:.0f} a layer, {a - per_layer * low:.0f} outside the layers; at 32 layers {32 * per_layer + a - per_layer * low:.0f}")
+        outside = a - per_layer * low
+        print(f"{per_layer:.0f} a layer, {outside:.0f} outside the layers; at 32 layers {32 * per_layer + outside:.0f}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ automatic dynamic shapes: the first batch compiles for its exact rows × length,
 recompiles with the length symbolic, and the first batch with another number of packed rows
 (5 → 6) compiles a third time. At 7B on one H200, steps 2 and 22 of the fast path took 8.6 s and
 5.7 s against a median step of 0.24 s, the second inside a measured epoch of 41 s; the same
-batches recompile on the CPU (bench/recompile_probe.py, bench/results/speed_7b_stage3.md). Compiled with ``dynamic=True`` from the first batch, one
-graph serves every packed shape (tests/test_packing.py counts the compiles).
+batches recompile on the CPU (bench/recompile_probe.py, bench/results/speed_7b_stage3.md).
+Compiled with ``dynamic=True`` from the first batch, one graph serves every packed shape
+(tests/test_packing.py counts the compiles).
 """
 
 from __future__ import annotations
