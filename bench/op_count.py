@@ -41,8 +41,9 @@ def count_for_depth(layers: int, batch: int, tokens: int) -> int:
     torch.manual_seed(0)
     model = build_model(load_config(3, ["tiny"], ["model.tuning=lora"]).model, 1024).train()
     decoder = model.decoder_layers()
+    depth = len(decoder)
     while len(decoder) < layers:  # deeper than the tiny model: copies of its layers
-        decoder.append(copy.deepcopy(decoder[len(decoder) % 4]))
+        decoder.append(copy.deepcopy(decoder[len(decoder) % depth]))
     del decoder[layers:]
     model.causal_lm().config.num_hidden_layers = layers
     ids = torch.randint(3, 2000, (batch, tokens))
