@@ -11,6 +11,8 @@
 # SETTINGS picks the runs (default "published fast"); VARIANTS adds fast-path runs with their own
 # overrides, ';'-separated NAME=OVERRIDES, e.g.
 #   SETTINGS=fast VARIANTS="padded128=train.packing=false train.micro_batch_size=128" bash bench/speed.sh
+# An upper-case KEY=value word among a variant's overrides is an environment variable of that run
+# alone (torch's TORCHINDUCTOR_* settings), e.g. VARIANTS="cdt=train.fp8=true TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1".
 set -euo pipefail
 OUT=${OUT:-/tmp/speed_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-40}
@@ -31,13 +33,18 @@ else
 fi
 layers=(--config tiny --config bench/gpu_smoke.yaml)
 python3 code/extract_features.py --split train "${layers[@]}" >/dev/null  # cache first: not timed
-run_setting() {  # name, config layer, overrides...
+run_setting() {  # name, config layer, overrides... (NAME=value words: environment variables of that run alone)
   local name=$1 layer=$2; shift 2
+  local environment=() overrides=() word
+  for word in "$@"; do
+    if [[ $word =~ ^[A-Z][A-Z0-9_]*= ]]; then environment+=("$word"); else overrides+=("$word"); fi
+  done
   rm -rf "/tmp/speed_$name"
-  PYTHON=python3 bash scripts/train.sh --stage 3 "${layers[@]}" --config "$layer" model.llm_path="$LLM" \
-    train.output_dir="/tmp/speed_$name" train.max_steps="$STEPS" train.max_time_s=420 train.epochs=5 "$@" \
+  env "${environment[@]}" PYTHON=python3 bash scripts/train.sh --stage 3 "${layers[@]}" --config "$layer" model.llm_path="$LLM" \
+    train.output_dir="/tmp/speed_$name" train.max_steps="$STEPS" train.max_time_s=420 train.epochs=5 "${overrides[@]}" \
     || { echo "=== $name failed (out of memory?): left out of the table"; rm -rf "/tmp/speed_$name"; return 0; }
   mkdir -p "$OUT/$name"; cp "/tmp/speed_$name/metrics.jsonl" "/tmp/speed_$name/config.yaml" "$OUT/$name/"
+  [ ${#environment[@]} -eq 0 ] || printf '%s\n' "${environment[@]}" > "$OUT/$name/environment.txt"
   cp "/tmp/speed_$name"/profile* "$OUT/$name/" 2>/dev/null || true  # train.profile_steps
   python3 bench/summarize_metrics.py "/tmp/speed_$name/metrics.jsonl" --warmup 3 --params "$PARAMS" --json "$OUT/$name/summary.json"
   # Resume states and periodic checkpoints add up over 7B runs; final/ stays (bench/eval_speed.sh reads it).
