@@ -31,7 +31,7 @@ def chain(tiny_default, tmp_path_factory):
     run_entry("train.py", "--stage", "3", "--config", str(CONFIGS / "any_to_any.yaml"), *LAYERS,
               f"train.output_dir={runs / 'stage_3'}", f"train.init_from={runs / 'stage_2' / 'final'}",
               "data.train_files=[]", "data.eval_files=[]", "model.tuning=lora", "train.max_steps=6", *SMALL,
-              "train.packing=true", "train.pack_length=256")
+              "train.packing=true", "train.pack_length=256", "train.pack_width_multiple=64")
     return runs
 
 

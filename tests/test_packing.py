@@ -98,6 +98,25 @@ def test_packed_rows_give_the_padded_per_example_losses(setup):
     torch.testing.assert_close(packed_out["mse_image"], padded_out["mse_image"], atol=1e-5, rtol=0)
 
 
+def test_rounded_row_widths_keep_the_losses_and_give_few_shapes(setup):
+    """train.pack_width_multiple: the rows widen to a multiple (capped at the row length) with a
+    padding block of their own, and every example's loss and the batch loss stay the same."""
+    model, tokenizer, examples = setup
+    exact = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80)(examples)
+    rounded = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80, width_multiple=32)(examples)
+    width = exact.inputs["input_ids"].shape[1]
+    assert width % 32 != 0  # else the test would prove nothing
+    assert rounded.inputs["input_ids"].shape == (exact.inputs["input_ids"].shape[0], min(-(-width // 32) * 32, 80))
+    assert rounded.real_tokens == exact.real_tokens and rounded.record_ids == exact.record_ids
+    exact_losses, exact_out = per_example_losses(model, exact, examples)
+    rounded_losses, rounded_out = per_example_losses(model, rounded, examples)
+    assert rounded_losses == pytest.approx(exact_losses, abs=1e-5)
+    torch.testing.assert_close(rounded_out["loss"], exact_out["loss"], atol=1e-5, rtol=0)
+    # The cap: a multiple above the row length gives rows of exactly the row length.
+    capped = PackingCollator(tokenizer.pad_token_id, ENCODER_DIM, row_length=80, width_multiple=1000)(examples)
+    assert capped.inputs["input_ids"].shape[1] == 80
+
+
 def test_right_padding_needs_no_attention_mask(setup):
     """The collator passes no mask (so SDPA can take its causal kernel): the per-example
     losses equal those of the same batch with the padding masked out, and of each example alone."""
@@ -259,7 +278,7 @@ def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):
     assert by_size[1]["loss"] != pytest.approx(by_size[2]["loss"], abs=1e-3)
 
 
-def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
+def flex_against_padded_sdpa(setup, device: str, compile_layers: bool, compile_mode: str | None = None):
     """The loss-keeping fast path (random batches, packed, ``attn_implementation: flex_attention``)
     gives the per-example losses, batch loss and (on CUDA) gradients of padded rows under SDPA: the block
     mask that transformers builds from the restarting position ids separates the examples. A
@@ -288,7 +307,7 @@ def flex_against_padded_sdpa(setup, device: str, compile_layers: bool):
     if compile_layers:  # train.compile: flex attention traced inside each compiled layer
         torch._dynamo.reset()
         for layer in flex.decoder_layers():
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, mode=compile_mode)
     packed, packed_out = per_example_losses(flex.eval(), packed_batch, examples)
     assert padded.keys() == packed.keys()
     for record_id in padded:

@@ -338,12 +338,16 @@ class TrainConfig:
     """Pack each micro-batch's examples into rows of at most pack_length tokens instead of padding them."""
     pack_length: int = 1024
     """Longest packed row, in tokens (with packing; at least the longest example)."""
+    pack_width_multiple: int = 0
+    """With packing: round row widths up to a multiple of this, at most pack_length (few shapes; 0: off)."""
     group_by_length: bool = False
     """Batch examples of similar length together: less padding, but not the same optimization."""
     length_group_batches: int = 32
     """With group_by_length: how many global batches are sorted by length together."""
     compile: bool = False
     """torch.compile each LLM decoder layer; the first step pays the compile."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode for the layers; reduce-overhead replays CUDA graphs (one per input shape)."""
     fp8: bool = False
     """FP8 matmuls for the LLM's frozen base linear layers, their weights cast once; needs compute capability 8.9+."""
     profile_steps: int = 0
@@ -504,7 +508,7 @@ RANGES = {
     "train.micro_batch_size": (1, None, True), "train.gradient_accumulation_steps": (1, None, True),
     "train.epochs": (1, None, True), "train.length_group_batches": (1, None, True),
     "train.log_every_steps": (1, None, True), "train.max_nonfinite_in_a_row": (1, None, True),
-    "train.pack_length": (1, None, True), "train.max_steps": (0, None, True), "train.max_time_s": (0, None, True),
+    "train.pack_length": (1, None, True), "train.pack_width_multiple": (0, None, True), "train.max_steps": (0, None, True), "train.max_time_s": (0, None, True),
     "train.save_every_steps": (0, None, True), "train.keep_last": (0, None, True), "train.num_workers": (0, None, True),
     "train.checkpoint_above_tokens": (0, None, True), "train.profile_steps": (0, None, True),
     "train.warmup_rate": (0, 1, True), "train.learning_rate": (0, None, False), "train.seed": (0, SEED_MAX, True),
@@ -585,6 +589,12 @@ def validate(config: RunConfig) -> None:
     if t.fp8 and t.zero_stage == 3:
         raise ConfigError("train.fp8 needs whole weights on each GPU to cast them to FP8, and ZeRO-3 shards them: "
                           "set train.zero_stage=2 or train.fp8=false")
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError(f"train.compile_mode={t.compile_mode} is the mode of train.compile, which is off: "
+                          "set train.compile=true or leave train.compile_mode at default")
+    if t.pack_width_multiple and not t.packing:
+        raise ConfigError("train.pack_width_multiple rounds the width of packed rows, and train.packing is off: "
+                          "set train.packing=true or train.pack_width_multiple=0")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t.betas}")
 

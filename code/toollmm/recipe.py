@@ -219,7 +219,8 @@ class TrainingRecipe:
                                          seed=t.seed)
             batching = {"batch_size": t.micro_batch_size, "sampler": sampler}
         pad = self.tokenizer.pad_token_id
-        collate = PackingCollator(pad, self.encoder_dim, t.pack_length) if t.packing else Collator(pad, self.encoder_dim)
+        collate = (PackingCollator(pad, self.encoder_dim, t.pack_length, t.pack_width_multiple) if t.packing
+                   else Collator(pad, self.encoder_dim))
         # Its own generator: creating a loader iterator would otherwise draw from the global RNG
         # and shift the dropout stream of a resumed run.
         loader = DataLoader(self.dataset, **batching, collate_fn=collate, num_workers=t.num_workers,
@@ -275,8 +276,9 @@ class TrainingRecipe:
         if t.compile:
             # Per layer, not the whole model: the 32 identical layers share one compiled graph
             # (compile time of one layer), and the loss code around them stays eager.
+            mode = None if t.compile_mode == "default" else t.compile_mode
             for layer in model.decoder_layers():
-                layer.compile(dynamic=True)
+                layer.compile(dynamic=True, mode=mode)
         return model
 
     def start(self) -> None:

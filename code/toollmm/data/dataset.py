@@ -173,9 +173,9 @@ class PackingCollator(Collator):
     masked blocks, from growing quadratically with the micro-batch.
     """
 
-    def __init__(self, pad_token_id: int, feature_dim: int, row_length: int):
+    def __init__(self, pad_token_id: int, feature_dim: int, row_length: int, width_multiple: int = 0):
         super().__init__(pad_token_id, feature_dim)
-        self.row_length = row_length
+        self.row_length, self.width_multiple = row_length, width_multiple
 
     def _balanced_rows(self, examples: list[Example]) -> tuple[list[list[Example]], list[int]]:
         sizes = [len(e.input_ids) for e in examples]
@@ -198,6 +198,9 @@ class PackingCollator(Collator):
     def __call__(self, examples: list[Example]) -> Batch:
         rows, used = self._balanced_rows(examples)
         width = max(used)
+        if self.width_multiple:
+            # Padding buys a fixed set of shapes: a CUDA graph (or a static-shape compile) per shape.
+            width = min(-(-width // self.width_multiple) * self.width_multiple, self.row_length)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
