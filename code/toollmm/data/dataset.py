@@ -170,7 +170,8 @@ class PackingCollator(Collator):
     variable-length kernel). Each example starts with BOS, whose label is ignored, so the
     shifted loss never predicts across a boundary. Slots and caption targets keep the packed
     (row-major) order. A bounded row keeps SDPA's masked attention, which does not skip the
-    masked blocks, from growing quadratically with the micro-batch.
+    masked blocks, from growing quadratically with the micro-batch. ``width_multiple`` rounds the
+    rows' width up (at most ``row_length``) so that batches take few shapes.
     """
 
     def __init__(self, pad_token_id: int, feature_dim: int, row_length: int, width_multiple: int = 0):
