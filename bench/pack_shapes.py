@@ -9,13 +9,15 @@ bench/speed_fast.yaml over gpu_smoke.yaml, random rows packed into rows of at mo
 ``input_ids`` shapes and the padded tokens per real token. Give ``model.llm_path`` a folder with
 the benchmark tokenizer to count at Vicuna-like lengths (``make_random_llm.py --train-tokenizer``).
 
-    python bench/pack_shapes.py --multiples 0 64 128 256 model.llm_path=/tmp/v7b_tok
+    python bench/pack_shapes.py --multiples 0,64,128,256 model.llm_path=/tmp/v7b_tok
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from collections import Counter
 
 import torch
@@ -29,14 +31,15 @@ LAYERS = ["tiny", "bench/gpu_smoke.yaml", "bench/speed_fast.yaml"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--multiples", type=int, nargs="+", default=[0, 64, 128, 256])
+    parser.add_argument("--multiples", default="0,64,128,256", help="comma-separated train.pack_width_multiple values")
     parser.add_argument("--epoch", type=int, default=0, help="which epoch's shuffle")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
     # No model is built: SDPA only passes the CPU training check (flex attention trains on CUDA),
     # and the shapes do not depend on the attention kernel.
-    overrides = ["model.llm_path=pretrained_checkpoint/LLM_ckpt/tiny_llama", "train.output_dir=/tmp/pack_shapes",
+    run_dir = tempfile.mkdtemp(prefix="pack_shapes_")  # the recipe writes its data report there
+    overrides = ["model.llm_path=pretrained_checkpoint/LLM_ckpt/tiny_llama", f"train.output_dir={run_dir}",
                  "data.feature_cache_dir=/tmp/toollmm_features", "model.attn_implementation=sdpa", *args.overrides]
     config = load_config(3, LAYERS, overrides)
     t = config.train
@@ -45,12 +48,13 @@ def main() -> None:
     run = TrainingRecipe(config)
     run.setup()
     run.load_data()
+    shutil.rmtree(run_dir, ignore_errors=True)  # only the examples and the sampler are needed from here
     run.sampler.set_epoch(args.epoch)
     # The epoch's micro-batches as the loader draws them (every index once; the last batch may be short).
     order = list(iter(run.sampler))
     batches = [[run.dataset[i] for i in order[k:k + t.micro_batch_size]] for k in range(0, len(order), t.micro_batch_size)]
     results = {}
-    for multiple in args.multiples:
+    for multiple in (int(value) for value in args.multiples.split(",")):
         collate = PackingCollator(run.tokenizer.pad_token_id, run.encoder_dim, t.pack_length, multiple)
         shapes, cells, real = Counter(), 0, 0
         for examples in batches:
@@ -60,7 +64,8 @@ def main() -> None:
             cells += batch.inputs["input_ids"].numel()
             real += batch.real_tokens
         results[multiple] = {"batches": len(batches), "distinct_shapes": len(shapes),
-                             "padded_per_real_token": round(cells / real, 4), "real_tokens_per_batch": round(real / len(batches), 1),
+                             "padded_per_real_token": round(cells / real, 4),
+                             "real_tokens_per_batch": round(real / len(batches), 1),
                              "most_common": [[list(s), n] for s, n in shapes.most_common(5)]}
         label = f"pack_width_multiple={multiple}" + (" (the longest row)" if multiple == 0 else "")
         print(f"{label:40} {len(shapes):4d} shapes over {len(batches)} batches, "
