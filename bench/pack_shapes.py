@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from collections import Counter
 
-import torch
 
 from toollmm.config import load_config
 from toollmm.data.dataset import PackingCollator
@@ -77,5 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

@@ -14,7 +14,7 @@ from toollmm.data.dataset import Batch, Collator, Example, InstructionDataset, L
 from toollmm.data.records import CaptionTarget, MediaRef, Record
 from toollmm.model.toollmm import build_model
 from toollmm.prompts import IGNORE_INDEX, STOP_STRING, format_answer
-from toollmm.recipe import evaluate_held_out
+from toollmm.recipe import TrainingRecipe, evaluate_held_out
 from toollmm.signal_tokens import add_signal_tokens, run_text
 from toollmm.tokenization import load_tokenizer
 
@@ -253,6 +253,19 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_default):
     assert frames > 0  # the layers really went through dynamo
     model(torch.randint(5, 2000, (3, 51)), labels=torch.randint(5, 2000, (3, 51)))["loss"].backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for a new length
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_training_compiles_every_decoder_layer_with_the_configured_mode(tiny_default, monkeypatch, mode):
+    """The recipe's train.compile and train.compile_mode reach each decoder layer's compile call."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "train.compile=true", f"train.compile_mode={mode}"])
+    run = TrainingRecipe(config)
+    run.encoder_dim, run.signal, run.zero3, run.is_main, run.device = ENCODER_DIM, None, False, True, torch.device("cpu")
+    model = run._build_model()
+    assert [layer for layer, _ in calls] == list(model.decoder_layers())
+    assert all(kwargs == {"dynamic": True, "mode": mode} for _, kwargs in calls)
 
 
 def test_held_out_lm_loss_is_the_answer_token_mean_at_any_batch_size(setup):

@@ -276,9 +276,8 @@ class TrainingRecipe:
         if t.compile:
             # Per layer, not the whole model: the 32 identical layers share one compiled graph
             # (compile time of one layer), and the loss code around them stays eager.
-            mode = None if t.compile_mode == "default" else t.compile_mode
             for layer in model.decoder_layers():
-                layer.compile(dynamic=True, mode=mode)
+                layer.compile(dynamic=True, mode=t.compile_mode)
         return model
 
     def start(self) -> None:
