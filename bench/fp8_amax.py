@@ -1,0 +1,71 @@
+"""The dynamic FP8 scale of an activation, compiled with a dynamic row count: max(|x|) over the
+whole tensor against max(|x|) per row then over the rows (what ``toollmm.model.fp8`` computes).
+
+Each function is the down projection's input cast as the compiled 7B layer does it: SwiGLU's
+``silu(gate) * up``, its scale, and the saturating e4m3 cast. Prints microseconds per call (CUDA
+events, median of --repeats) and checks that both give the same scale and bytes.
+Run on a GPU: python bench/fp8_amax.py [--rows 4700 5100] [--features 11008 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn
+
+
+def cast_with(amax_fn):
+    def swiglu_to_e4m3(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.silu(gate) * up
+        amax = amax_fn(x.abs()).to(torch.float64)
+        scale = (torch.finfo(E4M3).max / amax.clamp(min=1e-12)).to(torch.float32)
+        limit = torch.finfo(E4M3).max
+        return (x.to(torch.float32) * scale).clamp(-limit, limit).to(E4M3), scale
+    return swiglu_to_e4m3
+
+
+VARIANTS = {
+    "whole tensor": lambda a: a.max(),
+    "rows, then over rows": lambda a: a.amax(dim=-1).max(),
+}
+
+
+def time_us(fn, *args, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[4700, 5100], help="tokens in a packed batch")
+    parser.add_argument("--features", type=int, nargs="+", default=[11008, 4096])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    compiled = {name: torch.compile(cast_with(fn), dynamic=True) for name, fn in VARIANTS.items()}
+    print(f"{'rows x features':>18}" + "".join(f"{name:>24}" for name in compiled) + "   same bytes")
+    for features in args.features:
+        for rows in args.rows:
+            gate, up = (torch.randn(rows, features, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            outs = {name: fn(gate, up) for name, fn in compiled.items()}  # compile (and warm up)
+            for fn in compiled.values():
+                time_us(fn, gate, up, repeats=5)
+            us = {name: time_us(fn, gate, up, repeats=args.repeats) for name, fn in compiled.items()}
+            (a, sa), (b, sb) = outs.values()
+            same = torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb)
+            print(f"{f'{rows} x {features}':>18}" + "".join(f"{us[n]:>21.1f} us" for n in compiled) + f"   {same}")
+    print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
