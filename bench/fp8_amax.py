@@ -3,7 +3,8 @@ whole tensor against max(|x|) per row then over the rows (what ``toollmm.model.f
 
 Each function is the down projection's input cast as the compiled 7B layer does it: SwiGLU's
 ``silu(gate) * up``, its scale, and the saturating e4m3 cast. Prints microseconds per call (CUDA
-events, median of --repeats) and checks that both give the same scale and bytes.
+events, median of --repeats) and, for each, whether its scale equals eager's and the share of
+output bytes that differ from eager's (the compiled SwiGLU may skip eager's bf16 rounding).
 Run on a GPU: python bench/fp8_amax.py [--rows 4700 5100] [--features 11008 4096]
 """
 
@@ -34,6 +35,12 @@ VARIANTS = {
 }
 
 
+def _agreement(out, reference) -> str:
+    (x, scale), (x_ref, scale_ref) = out, reference
+    differing = (x.view(torch.uint8) != x_ref.view(torch.uint8)).float().mean().item()
+    return f"{'same' if torch.equal(scale, scale_ref) else 'other'} scale, {differing:.2%}"
+
+
 def time_us(fn, *args, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -53,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     compiled = {name: torch.compile(cast_with(fn), dynamic=True) for name, fn in VARIANTS.items()}
-    print(f"{'rows x features':>18}" + "".join(f"{name:>24}" for name in compiled) + "   same bytes")
+    print(f"{'rows x features':>18}" + "".join(f"{name:>24}" for name in compiled) + "   against eager: scale, bytes differing")
     for features in args.features:
         for rows in args.rows:
             gate, up = (torch.randn(rows, features, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -61,9 +68,9 @@ def main() -> None:
             for fn in compiled.values():
                 time_us(fn, gate, up, repeats=5)
             us = {name: time_us(fn, gate, up, repeats=args.repeats) for name, fn in compiled.items()}
-            (a, sa), (b, sb) = outs.values()
-            same = torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb)
-            print(f"{f'{rows} x {features}':>18}" + "".join(f"{us[n]:>21.1f} us" for n in compiled) + f"   {same}")
+            eager = cast_with(VARIANTS["whole tensor"])(gate, up)
+            agree = [_agreement(out, eager) for out in outs.values()]
+            print(f"{f'{rows} x {features}':>18}" + "".join(f"{us[n]:>21.1f} us" for n in compiled) + "   " + " | ".join(agree))
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
 
 

@@ -263,7 +263,10 @@ def test_training_compiles_every_decoder_layer_with_the_configured_mode(tiny_def
     config = load_config(3, overrides=[f"model.llm_path={TINY_LLM}", "train.compile=true", f"train.compile_mode={mode}"])
     run = TrainingRecipe(config)
     run.encoder_dim, run.signal, run.zero3, run.is_main, run.device = ENCODER_DIM, None, False, True, torch.device("cpu")
-    model = run._build_model()
+    with torch._dynamo.config.patch(specialize_float=False):  # torch's default, restored after
+        model = run._build_model()
+        # Layer constants (RMSNorm epsilon, LoRA dropout and scaling) traced as constants, not symbolic floats.
+        assert torch._dynamo.config.specialize_float
     assert [layer for layer, _ in calls] == list(model.decoder_layers())
     assert all(kwargs == {"dynamic": True, "mode": mode} for _, kwargs in calls)
 
