@@ -1,0 +1,1 @@
+"""Stand-in for the two timm pieces ImageBind imports (timm.models.layers)."""
