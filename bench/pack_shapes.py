@@ -1,6 +1,6 @@
 """How many batch shapes an epoch of packed micro-batches takes, and what rounding the row width
-costs in padding: the price of CUDA graphs (``train.compile_mode=reduce-overhead`` records one
-graph per shape), counted without a model on the CPU.
+costs in padding: what CUDA graphs would cost (one recorded per shape; training does not offer
+them), counted without a model on the CPU.
 
 Walks one epoch of a stage-3 config's micro-batches (by default the fast path's:
 bench/speed_fast.yaml over gpu_smoke.yaml, random rows packed into rows of at most

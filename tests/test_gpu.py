@@ -47,9 +47,3 @@ def test_flex_attention_in_compiled_layers_on_packed_rows(setup):
     """train.compile with flex attention and packed rows, as bench/speed_fast.yaml's loss-keeping
     variant trains: the same losses and gradients as padded SDPA rows."""
     flex_against_padded_sdpa(setup, "cuda", compile_layers=True)
-
-
-def test_cuda_graph_layers_on_packed_rows(setup):
-    """train.compile_mode=reduce-overhead: the compiled layers replay CUDA graphs (one recorded
-    per input shape); the losses and gradients stay those of padded SDPA rows, a second shape included."""
-    flex_against_padded_sdpa(setup, "cuda", compile_layers=True, compile_mode="reduce-overhead")
