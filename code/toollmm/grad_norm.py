@@ -2,8 +2,8 @@
 
 Gradient clipping (published: 1.0) needs the global L2 norm of the gradients every step.
 ``DeepSpeedZeroOptimizer.get_grad_norm_direct`` computes it one tensor at a time: an fp64 copy,
-a norm and a device move for each. Under LoRA at 7B that is 259 tensors a step, ~17 ms of host
-time with the GPU idle (one H200, torch.profiler of the fast path). ``torch._foreach_norm``
+a norm and a device move for each. Under LoRA at 7B that is 259 tensors a step, about 15 ms of
+host time with the GPU idle (one H200, torch.profiler of the fast path). ``torch._foreach_norm``
 gives the same per-tensor fp64 norms from a few launches; the sum over tensors, the all-reduce
 over data-parallel ranks and the inf/NaN sentinel are DeepSpeed's, in the same order.
 
