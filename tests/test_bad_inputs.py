@@ -293,7 +293,7 @@ TRAIN_CASES = {
     "compile_mode_uncompiled": (["train.compile=false", "train.compile_mode=max-autotune-no-cudagraphs"],
                                 "train.compile_mode=max-autotune-no-cudagraphs is the mode of train.compile, which is off"),
     "compile_mode_cuda_graphs": (["train.compile=true", "train.compile_mode=reduce-overhead"],
-                                 "train.compile_mode=reduce-overhead replays CUDA graphs, which training does not support"),
+                                 "'reduce-overhead' is not one of ['default', 'max-autotune-no-cudagraphs']"),
     "profile_negative": (["train.profile_steps=-1"], "train.profile_steps must be at least 0, got -1"),
     "checkpoint_above_negative": (["train.checkpoint_above_tokens=-1"], "train.checkpoint_above_tokens must be at least 0, got -1"),
     "length_groups_0": (["train.length_group_batches=0"], "train.length_group_batches must be at least 1, got 0"),

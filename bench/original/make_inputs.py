@@ -216,7 +216,7 @@ def warm_embeddings(encoder, checkpoint: Path, device) -> None:
         from model.ImageBind.models import imagebind_model
 
         encoder = build_on(device, imagebind_model)
-        encoder.load_state_dict(torch.load(checkpoint, map_location=device))
+        encoder.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
     encoder = encoder.to(device=device, dtype=dtype).eval()
     # The original's methods on a bare instance: only the encoder, device and dtype are read.
     host = OpenLLAMAPEFTModel.__new__(OpenLLAMAPEFTModel)

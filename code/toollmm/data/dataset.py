@@ -200,7 +200,7 @@ class PackingCollator(Collator):
         rows, used = self._balanced_rows(examples)
         width = max(used)
         if self.width_multiple:
-            # Padding buys a fixed set of shapes: a CUDA graph (or a static-shape compile) per shape.
+            # Padding buys a small set of shapes (what a static-shape compile or CUDA graphs would need).
             width = min(-(-width // self.width_multiple) * self.width_multiple, self.row_length)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
