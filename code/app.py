@@ -1,6 +1,6 @@
 """Entry point: see toollmm.app (the Gradio demo)."""
 
-from toollmm.app import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.app")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.evaluate (also installed as toollmm-evaluate)."""
 
-from toollmm.cli.evaluate import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.evaluate")

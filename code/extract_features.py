@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.extract_features (also installed as toollmm-extract-features)."""
 
-from toollmm.cli.extract_features import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.extract_features")

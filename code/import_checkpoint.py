@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.import_checkpoint (also installed as toollmm-import-checkpoint)."""
 
-from toollmm.cli.import_checkpoint import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.import_checkpoint")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.inference (also installed as toollmm-infer)."""
 
-from toollmm.cli.inference import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.inference")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.preprocess_dataset."""
 
-from toollmm.cli.preprocess_dataset import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.preprocess_dataset")

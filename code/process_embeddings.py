@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.process_embeddings (also installed as toollmm-process-embeddings)."""
 
-from toollmm.cli.process_embeddings import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.process_embeddings")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.text_baseline."""
 
-from toollmm.cli.text_baseline import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.text_baseline")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.train (also installed as toollmm-train)."""
 
-from toollmm.cli.train import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.train")

@@ -1,6 +1,6 @@
 """Entry point: see toollmm.cli.train_retriever."""
 
-from toollmm.cli.train_retriever import main
+from toollmm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("toollmm.cli.train_retriever")

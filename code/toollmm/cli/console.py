@@ -6,13 +6,14 @@ console script must not hand that to ``sys.exit``, which would print it and exit
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+
+from toollmm.cli import run as run_module
 
 
 def _console_script(module: str) -> Callable[[], None]:
     def run() -> None:
-        importlib.import_module(module).main()
+        run_module(module)
 
     run.__name__ = run.__qualname__ = module.rsplit(".", 1)[-1]
     return run
@@ -25,3 +26,4 @@ preprocess = _console_script("toollmm.cli.preprocess_dataset")
 import_checkpoint = _console_script("toollmm.cli.import_checkpoint")
 extract_features = _console_script("toollmm.cli.extract_features")
 process_embeddings = _console_script("toollmm.cli.process_embeddings")
+app = _console_script("toollmm.app")
