@@ -74,3 +74,22 @@ def test_every_bench_comparison_names_a_headline_record():
     for script in ("bench/speed.sh", "bench/eval_speed.sh", "scripts/run_tiny.sh"):
         used |= set(re.findall(r"python3? bench/headline\.py \"?([a-z0-9_]+)", (ROOT / script).read_text()))
     assert len(used) == 6 and used <= names, sorted(used - names)
+
+
+def test_hide_packages_runs_a_script_as_if_they_were_not_installed(tmp_path):
+    (tmp_path / "beside.py").write_text("WHERE = 'beside the script'\n")
+    (tmp_path / "script.py").write_text(
+        "import importlib.util, json, sys\n"
+        "import beside\n"
+        "try:\n"
+        "    import json as _; import torchao\n"
+        "    imported = True\n"
+        "except ModuleNotFoundError:\n"
+        "    imported = False\n"
+        "print(json.dumps([__name__, sys.argv, beside.WHERE, importlib.util.find_spec('torchao') is None, imported,\n"
+        "                  importlib.util.find_spec('yaml') is None]))\n")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "hide_packages.py"), "torchao,sklearn", str(tmp_path / "script.py"),
+                             "--flag", "x"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # Hidden: no spec and no import (torchao is installed by the test extra); others untouched.
+    assert json.loads(result.stdout) == ["__main__", [str(tmp_path / "script.py"), "--flag", "x"], "beside the script", True, False, False]
