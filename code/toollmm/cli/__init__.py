@@ -12,10 +12,10 @@ import importlib
 def run(module: str) -> None:
     """Import ``module`` and call its ``main``, with Python's cyclic garbage collector kept off
     the objects that live until exit. Importing torch, transformers and their dependencies
-    creates about 380k of them (gc-tracked), and every full collection walks them all: six during the imports
-    of ``inference.py`` (0.5 s) and one at interpreter exit (about 1 s), on a 2-core CPU. Skipping
-    those walks took 1.5-1.7 s off a run (``bench/startup_bench.py``). atexit handlers and module
-    teardown still run, and what ``main`` creates is collected as usual while it runs.
+    leaves about 380k gc-tracked objects, and every full collection walks them all: six during
+    the imports of ``inference.py`` (0.5 s) and one at interpreter exit (about 1 s), on a 2-core
+    CPU. Skipping those walks took 1.5-1.7 s off a run (``bench/startup_bench.py``). atexit
+    handlers and module teardown still run, and what ``main`` creates is collected as usual.
     """
     gc.disable()
     try:
