@@ -82,7 +82,7 @@ def test_hide_packages_runs_a_script_as_if_they_were_not_installed(tmp_path):
         "import importlib.util, json, sys\n"
         "import beside\n"
         "try:\n"
-        "    import json as _; import torchao\n"
+        "    import torchao\n"
         "    imported = True\n"
         "except ModuleNotFoundError:\n"
         "    imported = False\n"
