@@ -13,12 +13,15 @@
 # PROFILE=1: run under cProfile and print the 25 functions with the most host time.
 # HIDE_PACKAGES=sklearn,scipy,pandas,torchao: the runs see those packages as not installed
 # (bench/hide_packages.py), as in an install of this project's own requirements.
+# CODE: the code folder whose inference.py runs (default code; another checkout's code/ gives a
+# before/after pair on one machine and checkpoint).
 # The constrained run's figures are printed beside their headline records (bench/headline.py).
 set -euo pipefail
 OUT=${OUT:-/tmp/eval_speed_out}; mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/speed_fast/final}
 BATCH=${BATCH:-768}
 MODES=${MODES:-constrained free}
+CODE=${CODE:-code}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD/code}
 if [ -n "${SPLIT:-}" ]; then
   workload=(--split "$SPLIT")
@@ -34,13 +37,13 @@ unset PYTHONDONTWRITEBYTECODE
 hide=(${HIDE_PACKAGES:+bench/hide_packages.py "$HIDE_PACKAGES"})
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
 if [ "${WARMUP:-1}" != 0 ]; then
-  python3 "${hide[@]}" code/inference.py --ckpt "$CKPT" "${workload[@]}" --limit 8 --output "$OUT/warmup.json" >/dev/null 2>&1 \
+  python3 "${hide[@]}" "$CODE/inference.py" --ckpt "$CKPT" "${workload[@]}" --limit 8 --output "$OUT/warmup.json" >/dev/null 2>&1 \
     || echo "warm-up run failed (the timed runs below will show why)"
 fi
 for mode in $MODES; do
   flag=inference.constrained=$([ "$mode" = constrained ] && echo true || echo false)
   start=$(date +%s.%N); echo "launch $(date +%T.%N)"  # against the log's times: imports before, exit after
-  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} "${hide[@]}" code/inference.py --ckpt "$CKPT" "${workload[@]}" inference.batch_size="$BATCH" \
+  python3 ${PROFILE:+-m cProfile -o "$OUT/$mode.prof"} "${hide[@]}" "$CODE/inference.py" --ckpt "$CKPT" "${workload[@]}" inference.batch_size="$BATCH" \
     inference.max_batch_tokens="${MAX_BATCH_TOKENS:-65536}" inference.max_new_tokens=32 $flag --output "$OUT/predictions_$mode.json" "$@" 2>&1 \
     | tee "$OUT/$mode.log" | grep -E "starting|loaded in|featurized|answered|written|Error|error" || true
   end=$(date +%s.%N); echo "exited $(date +%T.%N)"
