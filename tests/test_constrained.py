@@ -228,35 +228,6 @@ def test_stopping_when_decided_keeps_the_answers(model, tokenizer, prompts, cata
     assert sum(spelt) < sum(row.index(eos) for row in runs[False])
 
 
-@pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_decided_rows_leave_the_batch_with_generates_answers(model, tokenizer, catalogue, cache):
-    """decide_answers drops decided rows from the batch (and its KV cache) as it goes; every row's
-    answer is still the one generate gives with the stop-when-decided processor over the whole batch."""
-    torch.manual_seed(5)
-    queries = [(f"{q} {extra}", media) for q, media in QUERIES for extra in ("", "now", "in French, please", "quickly and well")]
-    ids = [torch.tensor(build_example(tokenizer, q, media, None, 512).input_ids) for q, media in queries]
-    features = [torch.randn(ENCODER_DIM) if media else None for _, media in queries]
-    trie = AnswerTrie(tokenizer, catalogue)
-    reference = greedy_with_processor(model, tokenizer, (ids, features),
-                                      TrieLogitsProcessor(trie, tokenizer.eos_token_id, stop_when_decided=True),
-                                      trie.decision_length() + 1)
-    expected = [format_answer(trie.tool_decided_by(row)) for row in reference.tolist()]
-    rows_per_forward = []
-    hook = model.llm.model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_forward.append(len(kwargs.get("input_ids") if kwargs.get("input_ids") is not None
-                                                               else kwargs["inputs_embeds"])), with_kwargs=True)
-    try:
-        answers = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), show_progress=False,
-                                     constraint=trie, cache=cache)
-    finally:
-        hook.remove()
-    assert answers == expected and len(set(answers)) > 3
-    # One prefill of all rows, then fewer rows as answers are decided; no forward after the last decision.
-    assert rows_per_forward[0] == len(ids) and min(rows_per_forward) < len(ids) // 2
-    assert rows_per_forward == sorted(rows_per_forward, reverse=True)
-    assert len(rows_per_forward) <= trie.decision_length(trie.common_prefix)
-
-
 def test_constrained_answers_are_catalogue_members_batched_as_alone(model, tokenizer, prompts, small_trie):
     ids, features = prompts
     batched = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), show_progress=False,

@@ -181,18 +181,13 @@ class TrieTensors:
         node = torch.full((tokens.shape[0],), start, dtype=torch.long, device=tokens.device)
         valid = torch.ones_like(node, dtype=torch.bool)
         for step in range(tokens.shape[1]):
-            child, found = self.advance(node, tokens[:, step])
+            key = node * self.STRIDE + tokens[:, step]
+            edge = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
+            found = self.keys[edge] == key
             moving = ~self.stop[node]
             valid &= found | ~moving
-            node = torch.where(moving & found, child, node)
+            node = torch.where(moving & found, self.child[edge], node)
         return node, valid
-
-    def advance(self, node: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The child of each row's node along its token, and whether that edge exists (where it
-        does not, the child returned is meaningless)."""
-        key = node * self.STRIDE + token
-        edge = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
-        return self.child[edge], self.keys[edge] == key
 
     def allowed(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, token) index pairs of every edge out of each row's node."""

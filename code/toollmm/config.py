@@ -383,7 +383,7 @@ class InferenceConfig:
     cache: Literal["dynamic", "static"] = "static"
     """KV cache of generation: static (preallocated, written in place) or dynamic (grows, copied every step)."""
     compile: bool = False
-    """Free generation, cache static, CUDA: compile the decoding step (CUDA graphs); pays after a compile."""
+    """With cache static on CUDA, compile the decoding step (CUDA graphs): faster steps after a compile."""
     open_set_slots: int = 0
     """The last N of the top_k tools go to catalogue tools the model never trained on, by the tool retriever."""
     tool_retriever: str = ""

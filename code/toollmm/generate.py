@@ -18,9 +18,9 @@ import copy
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
-from transformers import DynamicCache, LogitsProcessorList, StaticCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList
 
-from toollmm.catalogue import AnswerTrie, TrieLogitsProcessor, TrieTensors
+from toollmm.catalogue import AnswerTrie, TrieLogitsProcessor
 from toollmm.model.toollmm import ToolLMM
 from toollmm.prompts import STOP_STRING, format_answer
 from toollmm.tokenization import PromptTokenizer
@@ -86,25 +86,37 @@ def generate_responses(
     the rest go on. With ``constraint``, only paths of the answer trie can be generated
     (greedy or sampled among them); the response is then ``format_answer(tool)`` of the
     tool reached. A row stops as soon as its answer is decided (one catalogue answer left
-    below its trie node: the rest would be forced tokens) and leaves the batch
-    (``decide_answers``); ``max_new_tokens`` does not apply, since a cut answer would be no
-    answer (the answers' common prefix goes in with the prompt).
-    ``cache``, ``compile`` (free generation only) and ``max_batch_tokens``: see ``InferenceConfig``.
+    below its trie node: the rest would be forced tokens), and ``max_new_tokens`` is the most
+    such steps plus one (EOS), since a cut answer would be no answer (the answers' common
+    prefix goes in with the prompt).
+    ``cache``, ``compile`` and ``max_batch_tokens``: see ``InferenceConfig``.
     """
-    if constraint is not None:
-        return _constrained_responses(model, tokenizer, prompts, features, constraint, batch_size, max_batch_tokens,
-                                      temperature, top_p, cache, show_progress)
     device = next(model.parameters()).device
     responses: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    for batch in tqdm(_batches(prompts, batch_size, max_batch_tokens, max_new_tokens), desc="generate",
-                      disable=not show_progress, leave=False):
+    forced: list[int] = []
+    if constraint is not None:
+        # Every answer opens with the trie's common prefix ("{'api_name': "), one allowed token a
+        # step: fed with the prompt, it costs part of one prefill instead of a decoding step of the
+        # whole batch per token (5 with a 32000-token vocabulary), and the answers are the same.
+        forced = constraint.common_prefix
+        prompts = [torch.cat([p, torch.tensor(forced, dtype=p.dtype)]) for p in prompts]
+        # Stopping where the answer is decided spares the batch's forced tail: a step of the whole
+        # batch each, for as long as its longest answer (at most 24 steps instead of 38 on the
+        # bundled catalogue), and the static KV cache shrinks with max_new_tokens.
+        max_new_tokens = constraint.decision_length(forced) + 1
+        sampling["logits_processor"] = LogitsProcessorList(
+            [TrieLogitsProcessor(constraint, tokenizer.eos_token_id, answer_prefix=forced, stop_when_decided=True)])
+    batches = _batches(prompts, batch_size, max_batch_tokens, max_new_tokens)
+    for batch in tqdm(batches, desc="generate", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
         output = model.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            stop_strings=[STOP_STRING],
+            # Constrained rows end with the trie's EOS (before the stop string, once decided):
+            # the stop-string check would only add its per-step work.
+            stop_strings=None if constraint is not None else [STOP_STRING],
             tokenizer=tokenizer.hf,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -115,94 +127,11 @@ def generate_responses(
         )
         # With inputs_embeds and no input_ids, generate returns only the new tokens.
         for i, ids in zip(batch, output):
-            responses[i] = cut_at_stop(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+            if constraint is not None:
+                responses[i] = format_answer(constraint.tool_decided_by(forced + ids.tolist()))
+            else:
+                responses[i] = cut_at_stop(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
     return responses
-
-
-def _constrained_responses(model: ToolLMM, tokenizer: PromptTokenizer, prompts: list[torch.Tensor],
-                           features: list[torch.Tensor | None], trie: AnswerTrie, batch_size: int,
-                           max_batch_tokens: int | None, temperature: float, top_p: float, cache: str,
-                           show_progress: bool) -> list[str]:
-    device = next(model.parameters()).device
-    # Every answer opens with the trie's common prefix ("{'api_name': "), one allowed token a
-    # step: fed with the prompt, it costs part of one prefill instead of a decoding step of the
-    # whole batch per token (5 with a 32000-token vocabulary), and the answers are the same.
-    forced = trie.common_prefix
-    prompts = [torch.cat([p, torch.tensor(forced, dtype=p.dtype)]) for p in prompts]
-    steps = trie.decision_length(forced)
-    tensors = TrieTensors(trie, device, stop_when_decided=True)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if temperature > 0 else [])
-    responses = [""] * len(prompts)
-    for batch in tqdm(_batches(prompts, batch_size, max_batch_tokens, steps), desc="generate", disable=not show_progress,
-                      leave=False):
-        embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
-        tokens = decide_answers(model.llm, embeds, attention_mask, tensors, trie.walk(forced), steps, warpers, cache)
-        for i, ids in zip(batch, tokens):
-            responses[i] = format_answer(trie.tool_decided_by(forced + ids))
-    return responses
-
-
-COMPACT_AT = 0.75
-"""Decided rows leave the batch once the undecided ones are at most this share of it. Leaving
-copies the KV cache of the rows that stay (about a step's worth of cache reads for them), so it
-waits until it takes a quarter of the rows off every later step."""
-
-
-@torch.no_grad()
-def decide_answers(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, trie: TrieTensors, start: int, steps: int,
-                   warpers: LogitsProcessorList | None = None, cache: str = "static") -> list[list[int]]:
-    """Trie-constrained decoding of one left-padded batch, each row until its answer is decided
-    (``trie`` built with ``stop_when_decided``): the tokens each row generated from node ``start``,
-    its last token the one that decides it. Greedy, or sampled through ``warpers`` (temperature,
-    top-p). At most ``steps`` tokens a row (``AnswerTrie.decision_length``).
-
-    ``generate`` would run every row until the batch's last is decided: on the 2397-request
-    evaluation set that is the longest decision (up to 23 tokens on the bundled catalogue) for
-    every row, against about 6 on average. Here decided rows leave the batch (``COMPACT_AT``),
-    so later steps run on the rows still deciding. The answers are ``generate``'s with
-    ``TrieLogitsProcessor(stop_when_decided=True)`` (tests/test_constrained.py).
-    """
-    rows = embeds.shape[0]
-    if steps == 0:  # a one-tool catalogue: decided before any token
-        return [[] for _ in range(rows)]
-    kv = StaticCache(config=llm.config, max_cache_len=embeds.shape[1] + steps) if cache == "static" \
-        else DynamicCache(config=llm.config)
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate sets them
-    logits = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=kv, use_cache=True,
-                 logits_to_keep=1).logits[:, -1]
-    next_position = attention_mask.sum(-1)
-    row = torch.arange(rows, device=embeds.device)  # the batch row each cache row answers
-    node = torch.full((rows,), start, dtype=torch.long, device=embeds.device)
-    done = trie.stop[node]
-    generated = torch.full((rows, steps), -1, dtype=torch.long, device=embeds.device)
-    for step in range(steps):
-        scores = logits.float()
-        allowed_rows, allowed_tokens = trie.allowed(node)
-        masked = torch.full_like(scores, float("-inf"))
-        masked[allowed_rows, allowed_tokens] = scores[allowed_rows, allowed_tokens]
-        # Decided rows still in the batch pick any token (never read); their node may be a leaf with nothing allowed.
-        scores = torch.where(done[:, None], scores, masked)
-        if warpers:
-            token = torch.multinomial(warpers(generated[row, :step], scores).softmax(-1), 1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        generated[row, step] = torch.where(done, -1, token)
-        child, _ = trie.advance(node, token)
-        node = torch.where(done, node, child)
-        done = done | trie.stop[node]
-        live = int((~done).sum())  # the step's one wait for the GPU
-        if live == 0 or step + 1 == steps:
-            break
-        if live <= COMPACT_AT * len(row):
-            keep = (~done).nonzero().squeeze(1)
-            kv.reorder_cache(keep)
-            row, node, done, token, attention_mask, next_position = (
-                x[keep] for x in (row, node, done, token, attention_mask, next_position))
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(row), 1)], dim=1)
-        logits = llm(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
-                     cache=kv, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
-    return [[t for t in ids if t >= 0] for ids in generated.tolist()]
 
 
 @torch.no_grad()
