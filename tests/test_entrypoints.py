@@ -242,6 +242,27 @@ def test_inference_settings_come_from_the_checkpoint_config(trained, tmp_path):
     assert "model loaded" not in str(err.value)
 
 
+def test_answering_attention_backend_is_an_inference_setting(trained, tmp_path):
+    """inference.attn_implementation swaps the attention kernels of a trained checkpoint (the
+    same maths: the same answers), and an unknown backend is refused by name before loading."""
+    from toollmm.checkpoint import load_for_inference
+    from toollmm.config import ConfigError
+
+    default, _, _, _ = load_for_inference(trained / "final", "cpu")
+    eager, _, config, _ = load_for_inference(trained / "final", "cpu", overrides=["inference.attn_implementation=eager"])
+    assert default.llm.config._attn_implementation == "sdpa" and eager.llm.config._attn_implementation == "eager"
+    assert config.inference.attn_implementation == "eager"
+    answers = {}
+    for backend in ("sdpa", "eager"):
+        predictions = tmp_path / f"{backend}.json"
+        inference_cli.main(["--ckpt", str(trained / "final"), "--split", "test", "--limit", "6", "inference.constrained=true",
+                            f"inference.attn_implementation={backend}", "--output", str(predictions)])
+        answers[backend] = [row["tool"] for row in json.loads(predictions.read_text())]
+    assert answers["eager"] == answers["sdpa"] and len(answers["sdpa"]) == 6
+    with pytest.raises(ConfigError, match=r"inference.attn_implementation: 'flex_attention' is not one of"):
+        load_for_inference(trained / "final", "cpu", overrides=["inference.attn_implementation=flex_attention"])
+
+
 def test_training_steps_run_in_training_mode(tiny_default, tmp_path):
     """from_pretrained leaves the base in eval mode (LoRA's new dropout modules start in train
     mode): the loop must switch the whole model, or the decoder layers' activation checkpointing

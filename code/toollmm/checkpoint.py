@@ -134,9 +134,11 @@ def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    ckpt_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, llm_path: str | None = None
+    ckpt_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, llm_path: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[ToolLMM, PromptTokenizer, RunConfig, dict]:
-    """Base LLM + the checkpoint's weights, checked against the base it is put on."""
+    """Base LLM + the checkpoint's weights, checked against the base it is put on.
+    ``attn_implementation``: the attention backend to answer with (default: the config's)."""
     from toollmm.model.toollmm import build_model, load_trainable_state
     from toollmm.signal_tokens import add_signal_tokens
     from toollmm.tokenization import load_tokenizer
@@ -150,6 +152,8 @@ def load_checkpoint(
         # tokens); answering runs padded prompts and a KV cache, where SDPA's kernels serve, and
         # FlexAttention has no CPU backward. Same weights, same maths (tests/test_packing.py).
         config.model.attn_implementation = "sdpa"
+    if attn_implementation is not None:
+        config.model.attn_implementation = attn_implementation
     state = read_weights(ckpt_dir)  # first: a cut or non-finite file stops before anything is built
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer")
     signal = add_signal_tokens(tokenizer, config.model.outputs) if config.model.outputs.enabled else None
@@ -172,7 +176,8 @@ def load_for_inference(
     device = torch.device(device)
     settings = apply_inference_overrides(read_checkpoint_config(ckpt_dir)[0], overrides)
     avoid_cudnn_attention(device)
-    model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=settings.model.llm_path)
+    model, tokenizer, config, meta = load_checkpoint(ckpt_dir, device, llm_path=settings.model.llm_path,
+                                                     attn_implementation=settings.inference.attn_implementation)
     config.inference = settings.inference
     if dtype is None:
         dtype = config.model.dtype if device.type == "cuda" else torch.float32

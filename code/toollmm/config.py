@@ -384,6 +384,8 @@ class InferenceConfig:
     """KV cache of generation: static (preallocated, written in place) or dynamic (grows, copied every step)."""
     compile: bool = False
     """With cache static on CUDA, compile the decoding step (CUDA graphs): faster steps after a compile."""
+    attn_implementation: str | None = None
+    """Attention backend while answering: sdpa, eager, flash_attention_2/_3 if installed; null: the model's (sdpa for flex_attention)."""
     open_set_slots: int = 0
     """The last N of the top_k tools go to catalogue tools the model never trained on, by the tool retriever."""
     tool_retriever: str = ""
@@ -602,6 +604,10 @@ def validate(config: RunConfig) -> None:
 
 def validate_inference(settings: InferenceConfig) -> None:
     """The ``inference`` section's checks across fields (ranges are in ``RANGES``)."""
+    answering = [name for name in ATTENTION if name != "flex_attention"]
+    if settings.attn_implementation is not None and settings.attn_implementation not in answering:
+        raise ConfigError(f"inference.attn_implementation: {settings.attn_implementation!r} is not one of {answering} "
+                          "(or null: the model's)")
     if settings.top_k < 1:
         raise ConfigError(f"inference.top_k must be at least 1, got {settings.top_k}")
     if settings.max_batch_tokens is not None and settings.max_batch_tokens < 1:
