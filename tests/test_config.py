@@ -208,7 +208,7 @@ def test_inference_overrides_change_the_inference_settings_only():
     assert updated.model.llm_path == "/elsewhere/llm" and updated.train == config.train
     assert config.inference.batch_size == 64 and config.inference.top_k == 1  # the checkpoint's config is left as it was
     refusals = {
-        "inference.batchsize=8": r"^unknown config key inference.batchsize; allowed here: batch_size, cache, catalogue_tools, chat_max_new_tokens",
+        "inference.batchsize=8": r"^unknown config key inference.batchsize; allowed here: attn_implementation, batch_size, cache, catalogue_tools, chat_max_new_tokens",
         "model.dtype=fp16": r"^override model.dtype: inference takes inference.<key>=VALUE and model.llm_path=DIR",
         "inference.batch_size=0": r"^inference.batch_size must be at least 1, got 0",
         "inference.top_k_method=greedy": r"^inference.top_k_method: 'greedy' is not one of \['beam', 'exact'\]",

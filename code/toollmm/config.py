@@ -385,7 +385,7 @@ class InferenceConfig:
     compile: bool = False
     """With cache static on CUDA, compile the decoding step (CUDA graphs): faster steps after a compile."""
     attn_implementation: str | None = None
-    """Attention backend while answering: sdpa, eager, flash_attention_2/_3 if installed; null: the model's (sdpa for flex_attention)."""
+    """Attention backend while answering: sdpa, eager, flash_attention_2/_3 (if installed); null: the model's."""
     open_set_slots: int = 0
     """The last N of the top_k tools go to catalogue tools the model never trained on, by the tool retriever."""
     tool_retriever: str = ""
