@@ -383,7 +383,7 @@ def test_inference_cli_constrained_with_top_k(model, tokenizer, tmp_path):
     inference.main([*common, "inference.constrained=true", "--output", str(tmp_path / "top.json"), "inference.top_k=3",
                     "--catalogue", str(tmp_path / "catalogue.json")])
     for override, refusal in [("inference.num_beams=4", "inference.num_beams applies to inference.top_k > 1"),
-                              ("inference.batchsize=8", "unknown config key inference.batchsize; allowed here: batch_size"),
+                              ("inference.batchsize=8", "unknown config key inference.batchsize; allowed here: attn_implementation, batch_size"),
                               ("train.epochs=2", "override train.epochs: inference takes inference.<key>=VALUE")]:
         with pytest.raises(SystemExit, match=f"^inference: {refusal}"):
             inference.main([*common, "--output", str(tmp_path / "x.json"), override])
@@ -415,6 +415,29 @@ def test_static_cache_answers_as_the_dynamic_one(model, tokenizer, prompts, smal
         static = generate_responses(model, tokenizer, ids, features, batch_size=len(ids), max_new_tokens=12,
                                     show_progress=False, constraint=constraint, cache="static")
         assert static == dynamic
+
+
+def test_static_cache_fits_each_call_not_the_longest_before(model, tokenizer, prompts):
+    """transformers sizes a static cache to the longest of all earlier generate calls on the model
+    (to spare compiled steps a recompile): after one long prompt, every later batch would carry a
+    cache that long, past inference.max_batch_tokens. Uncompiled, each call sizes its own."""
+    ids, features = prompts
+    lengths = []
+
+    def record_cache_length(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("inputs_embeds") is not None:  # the prefill: one a call
+            lengths.append(cache.layers[0].max_cache_len)
+
+    handle = model.causal_lm().register_forward_pre_hook(record_cache_length, with_kwargs=True)
+    try:
+        long_prompt = torch.cat([ids[0]] * 6)
+        for batch in ([long_prompt], [ids[0]]):
+            generate_responses(model, tokenizer, batch, [None], batch_size=1, max_new_tokens=4,
+                               show_progress=False, cache="static")
+    finally:
+        handle.remove()
+    assert lengths == [len(long_prompt) + 3, len(ids[0]) + 3]  # the last new token is never fed back
 
 
 def test_batches_cap_the_kv_cache_tokens():

@@ -108,6 +108,11 @@ def generate_responses(
         sampling["logits_processor"] = LogitsProcessorList(
             [TrieLogitsProcessor(constraint, tokenizer.eos_token_id, answer_prefix=forced, stop_when_decided=True)])
     batches = _batches(prompts, batch_size, max_batch_tokens, max_new_tokens)
+    if cache == "static" and not compile:
+        # transformers sizes a static cache to the longest of every earlier call on the model (so a
+        # compiled step is not recompiled): one long prompt would make every later batch of a
+        # long-lived model (the demo, a benchmark's next setting) that long, past max_batch_tokens.
+        vars(model.causal_lm()).pop("_previous_max_cache_length", None)
     for batch in tqdm(batches, desc="generate", disable=not show_progress, leave=False):
         embeds, attention_mask = _embed_batch(model, prompts, features, batch, tokenizer.pad_token_id, device)
         output = model.llm.generate(
