@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,3 +95,30 @@ def test_hide_packages_runs_a_script_as_if_they_were_not_installed(tmp_path):
     assert result.returncode == 0, result.stderr
     # Hidden: no spec and no import (torchao is installed by the test extra); others untouched.
     assert json.loads(result.stdout) == ["__main__", [str(tmp_path / "script.py"), "--flag", "x"], "beside the script", True, False, False]
+
+
+def test_decode_graph_bench_steps_decode_as_generate():
+    """bench/decode_graph_bench.py's hand-driven steps (left padding, a boolean mask updated in
+    place, positions and a static cache) give generate's greedy tokens, so its eager and graph
+    timings are of the decoding that answering runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_graph_bench as bench
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = bench.build("tiny", cpu)
+    model.generation_config.eos_token_id = None  # random weights: decode all the steps
+    rows, prompt, steps = 5, 9, 6
+    batch = bench.Batch(model, rows, prompt, steps, max_pad=4, device=cpu)
+    assert batch.valid[:, :prompt].sum(-1).tolist() != [prompt] * rows  # some rows are padded
+    batch.prefill()
+    tokens, logits = [batch.token.clone()], []
+    for _ in range(steps - 1):
+        logits.append(batch.step())
+        batch.advance(logits[-1])
+        tokens.append(batch.token.clone())
+    reference = model.generate(input_ids=batch.prompt_ids, attention_mask=batch.valid[:, :prompt].long(), max_new_tokens=steps,
+                               do_sample=False, cache_implementation="static", pad_token_id=0, output_logits=True,
+                               return_dict_in_generate=True)
+    assert torch.equal(torch.cat(tokens, 1), reference.sequences[:, prompt:])
+    torch.testing.assert_close(torch.stack(logits), torch.stack(reference.logits[1:]), rtol=0, atol=1e-5)
