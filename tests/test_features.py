@@ -107,6 +107,22 @@ def test_featurize_loads_cached_features_and_drops_records_with_broken_media(ext
     assert all(torch.equal(features[ref], result.features[ref]) for ref in GOOD)
 
 
+def test_the_encoder_loads_its_checkpoint_only_for_features_the_cache_misses(extracted, corrupt, tiny_default):
+    """A run whose media features are all cached, or that has no media, never reads ImageBind's
+    weights (4.5 GB for the huge checkpoint); the first cache miss loads them."""
+    cache, result = extracted
+    encoder = FrozenEncoder(TINY_IMAGEBIND, "tiny")
+    assert not encoder.loaded and encoder.out_dim == 1024
+    records = [Record(f"r{i}", "q", media=[ref], tools=["tool"], input_modality=ref.modality) for i, ref in enumerate(GOOD)]
+    records.append(Record("text", "q", media=[], tools=["tool"], input_modality="text"))
+    kept, features = featurize(records, encoder, FeatureCache(cache.root.parent, encoder.identity),
+                               DataReport(rows=len(records), used=len(records)), num_workers=0)
+    assert len(kept) == len(records) and all(torch.equal(features[ref], result.features[ref]) for ref in GOOD)
+    assert not encoder.loaded
+    extract_features([GOOD[0]], encoder, FeatureCache(cache.root.parent / "cold", encoder.identity), num_workers=0, progress=False)
+    assert encoder.loaded
+
+
 def test_interrupted_run_resumes_with_only_the_missing_files(encoder, tmp_path, monkeypatch):
     refs = [MediaRef("audio", p) for p in AUDIOS] + [MediaRef("image", p) for p in IMAGES]  # batches: 2 audio | 2 images | 1 image
     cache = FeatureCache(tmp_path, encoder.identity)

@@ -21,6 +21,7 @@ the batch in flight.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from toollmm.data.records import DataReport, MediaRef, Record
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
-from toollmm.model.imagebind import ImageBindConfig, load_imagebind
+from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, load_imagebind
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def encoder_identity(path: Path, size: str) -> str:
 
 
 class FrozenEncoder:
-    """ImageBind in eval mode without gradients, in ``dtype`` on ``device``.
+    """ImageBind in eval mode without gradients, in ``dtype`` on ``device``, read from its
+    checkpoint at the first encoding: a run whose media features are all cached, or that has no
+    media, never loads it (imagebind_huge.pth is 4.5 GB of weights).
 
     ``identity`` names the weights (not the precision): features computed in bf16/fp16
     share the cache with fp32 ones, so a GPU precompute in bf16 serves an fp32 training
@@ -91,18 +94,24 @@ class FrozenEncoder:
     """
 
     def __init__(self, path: Path, size: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        config = ImageBindConfig.huge() if size == "huge" else ImageBindConfig.tiny()
-        self.model = load_imagebind(path, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.out_dim = config.out_embed_dim
-        self.identity = encoder_identity(Path(path), size)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"ImageBind checkpoint {self.path} does not exist (see pretrained_checkpoint/README.md)")
+        self.config = ImageBindConfig.huge() if size == "huge" else ImageBindConfig.tiny()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.dtype = device, dtype
+        self.out_dim = self.config.out_embed_dim
+        self.identity = encoder_identity(self.path, size)
+
+    @functools.cached_property
+    def model(self) -> ImageBindEncoder:
+        return load_imagebind(self.path, self.config).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    def loaded(self) -> bool:
+        return "model" in vars(self)
 
     @torch.no_grad()
     def encode_batch(self, branch: str, inputs: torch.Tensor) -> torch.Tensor:
