@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from make_random_llm import COMMON, PRESETS
+from make_random_llm import COMMON, PRESETS, build_random_llm
 
 PRESETS = {**PRESETS, "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, **COMMON)}
@@ -34,14 +34,7 @@ def build(preset: str, device: torch.device) -> LlamaForCausalLM:
     config = LlamaConfig(**PRESETS[preset])
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # a 7B model built in fp32 first would need 27 GB
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval().requires_grad_(False)
+    return build_random_llm(config, device, dtype).requires_grad_(False)
 
 
 def cache_arguments(model) -> tuple[str, bool]:

@@ -107,7 +107,7 @@ def test_featurize_loads_cached_features_and_drops_records_with_broken_media(ext
     assert all(torch.equal(features[ref], result.features[ref]) for ref in GOOD)
 
 
-def test_the_encoder_loads_its_checkpoint_only_for_features_the_cache_misses(extracted, corrupt, tiny_default):
+def test_the_encoder_loads_its_checkpoint_only_for_features_the_cache_misses(extracted):
     """A run whose media features are all cached, or that has no media, never reads ImageBind's
     weights (4.5 GB for the huge checkpoint); the first cache miss loads them."""
     cache, result = extracted
@@ -121,6 +121,9 @@ def test_the_encoder_loads_its_checkpoint_only_for_features_the_cache_misses(ext
     assert not encoder.loaded
     extract_features([GOOD[0]], encoder, FeatureCache(cache.root.parent / "cold", encoder.identity), num_workers=0, progress=False)
     assert encoder.loaded
+    # A wrong path still fails at once, naming the file.
+    with pytest.raises(ValueError, match=r"ImageBind checkpoint /nowhere/ib.pth does not exist"):
+        FrozenEncoder(Path("/nowhere/ib.pth"), "tiny")
 
 
 def test_interrupted_run_resumes_with_only_the_missing_files(encoder, tmp_path, monkeypatch):

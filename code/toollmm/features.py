@@ -41,7 +41,7 @@ from tqdm import tqdm
 from toollmm.data.records import DataReport, MediaRef, Record
 from toollmm.media import MediaError
 from toollmm.modalities import MODALITIES
-from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, load_imagebind
+from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder, check_imagebind_file, load_imagebind
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,9 @@ class FrozenEncoder:
 
     def __init__(self, path: Path, size: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ValueError(f"ImageBind checkpoint {self.path} does not exist (see pretrained_checkpoint/README.md)")
+        check_imagebind_file(self.path)  # a wrong path fails now, not at the first cache miss
         self.config = ImageBindConfig.huge() if size == "huge" else ImageBindConfig.tiny()
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.out_dim = self.config.out_embed_dim
         self.identity = encoder_identity(self.path, size)
 

@@ -439,6 +439,11 @@ def _branch_of(key: str) -> str | None:
     return None
 
 
+def check_imagebind_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"ImageBind checkpoint {path} does not exist (see pretrained_checkpoint/README.md)")
+
+
 def load_imagebind(
     path: str | os.PathLike, config: ImageBindConfig, branches: Iterable[str] = BRANCHES
 ) -> ImageBindEncoder:
@@ -450,8 +455,7 @@ def load_imagebind(
     """
     path = Path(path)
     branches = tuple(branches)
-    if not path.is_file():
-        raise ValueError(f"ImageBind checkpoint {path} does not exist (see pretrained_checkpoint/README.md)")
+    check_imagebind_file(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
