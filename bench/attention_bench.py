@@ -19,26 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from timing import time_fn
+
 
 def eager_attention(q, k, v, additive_mask):
     # transformers' eager_attention_forward for MHA: scores in the input dtype, softmax in fp32.
     scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + additive_mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v)
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def inputs(rows: int, queries: int, cache: int, heads: int, head_dim: int, max_pad: int, seed: int = 0):
@@ -73,7 +61,7 @@ def run(rows: int, queries: int, cache: int, max_pad: int, repeats: int, heads: 
         record = {"rows": rows, "queries": queries, "cache": cache, "backend": name}
         try:
             out = fn()
-            ms = time_ms(fn, repeats)
+            ms = 1e3 * statistics.median(time_fn(fn, 3, repeats, torch.device("cuda")))
         except RuntimeError as err:  # a kernel that does not take these inputs
             records.append({**record, "error": str(err).splitlines()[0][:120]})
             continue

@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from make_random_llm import COMMON, PRESETS, build_random_llm
+from timing import sync
 
 PRESETS = {**PRESETS, "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, **COMMON)}
@@ -99,11 +100,6 @@ class Batch:
         self.token.copy_(logits.argmax(-1, keepdim=True))
         self.position += 1
         self.cache_position += 1
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode(batch: Batch, steps: int, step_fn, device) -> tuple[list[float], list[torch.Tensor]]:

@@ -16,6 +16,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from timing import time_fn
+
 E4M3 = torch.float8_e4m3fn
 
 
@@ -41,18 +43,6 @@ def _agreement(out, reference) -> str:
     return f"{'same' if torch.equal(scale, scale_ref) else 'other'} scale, {differing:.2%}"
 
 
-def time_us(fn, *args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[4700, 5100], help="tokens in a packed batch")
@@ -65,9 +55,8 @@ def main() -> None:
         for rows in args.rows:
             gate, up = (torch.randn(rows, features, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             outs = {name: fn(gate, up) for name, fn in compiled.items()}  # compile (and warm up)
-            for fn in compiled.values():
-                time_us(fn, gate, up, repeats=5)
-            us = {name: time_us(fn, gate, up, repeats=args.repeats) for name, fn in compiled.items()}
+            us = {name: 1e6 * statistics.median(time_fn(lambda: fn(gate, up), 5, args.repeats, gate.device))
+                  for name, fn in compiled.items()}
             eager = cast_with(VARIANTS["whole tensor"])(gate, up)
             agree = [_agreement(out, eager) for out in outs.values()]
             print(f"{f'{rows} x {features}':>18}" + "".join(f"{us[n]:>21.1f} us" for n in compiled) + "   " + " | ".join(agree))

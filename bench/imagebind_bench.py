@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from timing import sync, time_fn  # bench/timing.py: the script's folder is on the import path
+
 from toollmm.model.imagebind import ImageBindConfig, ImageBindEncoder
 
 T0 = time.time()
@@ -145,32 +147,6 @@ def runner(kind: str, model):
     if kind == "ref":
         return lambda branch, x: model({modality(branch): x})[modality(branch)]
     return lambda branch, x: model(modality(branch), x)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn, warmup: int, iters: int, device) -> list[float]:
-    """Seconds per call, one per timed iteration."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> dict:

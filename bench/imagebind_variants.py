@@ -42,9 +42,9 @@ from imagebind_bench import (  # noqa: E402
     import_reference,
     make_inputs,
     runner,
-    time_fn,
     vision_flops,
 )
+from timing import time_fn  # noqa: E402
 
 from toollmm.model import imagebind as ib  # noqa: E402
 
